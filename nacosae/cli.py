@@ -36,7 +36,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        help_text = docs.get(f.name, "") + ("" if required else f" (default: {default})")
+        help_text = (docs.get(f.name, "") + ("" if required else f" (default: {default})")).replace("%", "%%")
         tp = hints[f.name]
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
