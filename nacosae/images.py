@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import warnings
 from collections import Counter
@@ -744,6 +745,27 @@ class ConcatSource(ImageSource):
     @property
     def skipped(self) -> list[tuple[str, str]]:
         return [item for s in self.sources for item in s.skipped]
+
+
+class SubsetSource(ImageSource):
+    """A seeded random subset of another source (for quick runs that still span every category)."""
+
+    def __init__(self, source: ImageSource, n: int, seed: int = 0):
+        super().__init__()
+        self.source, self.name = source, f"{source.name}[{n}@{seed}]"
+        records = source.records()
+        keep = sorted(random.Random(seed).sample(range(len(records)), min(n, len(records))))
+        self._records = [records[i] for i in keep]
+
+    def records(self):
+        return list(self._records)
+
+    def _open(self, record):
+        return self.source.load(record)
+
+    @property
+    def skipped(self):
+        return self.source.skipped + super().skipped
 
 
 def records_to_json(records: Sequence[ImageRecord]) -> list[dict]:

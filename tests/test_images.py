@@ -316,3 +316,15 @@ def test_openclipart_full_listing_cached(tmp_path):
     t = time.perf_counter()
     assert len(OpenClipArtSource(cache=tmp_path).records()) == len(recs)
     assert time.perf_counter() - t < 3.0
+
+
+def test_subset_source_is_seeded_and_spans_the_source():
+    from nacosae.images import SkimageSource, SubsetSource
+
+    full = SkimageSource()
+    a, b = SubsetSource(full, 4, seed=1), SubsetSource(full, 4, seed=1)
+    assert [r.image_id for r in a.records()] == [r.image_id for r in b.records()]
+    assert len(a) == 4 and set(r.image_id for r in a.records()) <= set(r.image_id for r in full.records())
+    assert SubsetSource(full, 10_000).records() == full.records()
+    record = a.records()[0]
+    assert a.load(record).mode == "RGB"

@@ -1,0 +1,287 @@
+"""Images → activation store: the resumable, data-parallel extraction loop.
+
+Image i of the source (in its fixed order, first `max_images`) gets global index i. Rank r of W owns the contiguous
+slice [i_r, i_{r+1}) with i_r = r·N // W and writes shards over consecutive chunks of `shard_rows // T` images of it,
+each chunk cut into batches of `batch_size`. Chunk and batch boundaries depend only on (N, W, the resume point),
+so a resumed run recomputes exactly the batches the killed run would have: same rows, same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from nacosae.store import DTYPES, META_NAME, ActivationStore, StoreError, StoreWriter, _read_json, check_same_run, finalize_store
+
+# Decoding errors that make one image unusable without saying anything about the rest of the run.
+# DecompressionBombError is not an OSError; UnidentifiedImageError is.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size): as given, else from an initialised `torch.distributed`, else env RANK/WORLD_SIZE, else (0, 1)."""
+    import torch.distributed as dist
+
+    if rank is None or world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+        else:
+            rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+            world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
+
+
+def rank_slice(n_images: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of image indices owned by `rank` (sizes differ by at most one)."""
+    return n_images * rank // world_size, n_images * (rank + 1) // world_size
+
+
+def _record_dict(image_idx: int, record: Any) -> dict[str, Any]:
+    """The images-table row of one image: every field of its ImageRecord (or of a dict / plain object)."""
+    if dataclasses.is_dataclass(record):
+        row = dataclasses.asdict(record)
+    elif isinstance(record, dict):
+        row = dict(record)
+    else:
+        row = {k: getattr(record, k, None) for k in ("image_id", "source", "path", "label", "description")}
+    row = {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
+    return {"image_idx": int(image_idx), **row}
+
+
+def _skip(image_idx: int | None, record: Any, error: Exception) -> dict[str, Any]:
+    """A skip report: where the image is and why it failed (BadImageError carries a keyword reason)."""
+    path = getattr(error, "path", None) or getattr(record, "path", None) or getattr(record, "image_id", None)
+    reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+    return {"image_idx": image_idx, "path": None if path is None else str(path), "reason": reason}
+
+
+def _random_access(source: Any) -> bool:
+    """Sources with `records()` + `load(record)` (nacosae.images) are read by index: ranks decode only their images."""
+    return callable(getattr(source, "records", None)) and callable(getattr(source, "load", None)) \
+        and not getattr(source, "streaming", False)
+
+
+class _Images(Dataset):
+    """Image i → (i, images-table row, pixels_CHW), or (i, skip report, None) for an image that cannot be read."""
+
+    def __init__(self, source: Any, records: list, preprocess):
+        self.source, self.records, self.preprocess = source, records, preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        record = self.records[i]
+        try:
+            pixels_CHW = self.preprocess(self.source.load(record))
+        except IMAGE_ERRORS as e:
+            return i, _skip(i, record, e), None
+        return i, _record_dict(i, record), pixels_CHW
+
+
+def _collate(items):
+    """Keep the readable images stacked and the unreadable ones as skip reports."""
+    ok = [(i, row, px) for i, row, px in items if px is not None]
+    skipped = [row for _, row, px in items if px is None]
+    pixels_BCHW = torch.stack([px for _, _, px in ok]) if ok else None
+    return [i for i, _, _ in items], [row for _, row, _ in ok], pixels_BCHW, skipped
+
+
+def _iterable_batches(source: Iterable, preprocess, batches: list[list[int]]):
+    """The DataLoader path's output for a source that can only be walked (e.g. a streaming dataset): every rank
+    walks it from the start (decoding is the source's), and preprocesses only its own images."""
+    wanted = iter(batches)
+    batch = next(wanted, None)
+    items = []
+    for i, (record, pil) in enumerate(source):
+        if batch is None:
+            return
+        if i < batch[0]:
+            continue
+        try:
+            items.append((i, _record_dict(i, record), preprocess(pil)))
+        except IMAGE_ERRORS as e:
+            items.append((i, _skip(i, record, e), None))
+        if i == batch[-1]:
+            yield _collate(items)
+            items, batch = [], next(wanted, None)
+    if batch is not None:
+        raise StoreError(f"the source ended before image {batch[-1]}, which this run expected (it said it had more images)")
+
+
+def _source_id(source: Any, records: list | None) -> dict[str, Any]:
+    """What identifies the image list: its name and, when listed, a digest of its image ids and paths in order
+    (a resumed run over another folder or a re-ordered listing would otherwise mix images silently)."""
+    name = str(getattr(source, "name", None) or type(source).__name__)
+    if records is None:
+        return {"name": name}
+    digest = hashlib.blake2b(digest_size=16)
+    for r in records:
+        digest.update(f"{getattr(r, 'image_id', r)}\0{getattr(r, 'path', None)}\n".encode())
+    return {"name": name, "images_blake2b": digest.hexdigest()}
+
+
+def _source_skipped(source: Any) -> list[dict[str, Any]]:
+    """The source's own skip list (files dropped while listing or iterating), as skip reports without an index."""
+    return [{"image_idx": None, "path": str(path), "reason": str(reason)} for path, reason in getattr(source, "skipped", [])]
+
+
+def extract(
+    source: Any,
+    backbone: Any,
+    layer: str,
+    tokens: str,
+    out_dir: str | os.PathLike,
+    batch_size: int = 32,
+    shard_rows: int = 2**16,
+    dtype: str = "float16",
+    max_images: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> ActivationStore | None:
+    """Extract `backbone`'s activations at (`layer`, `tokens`) for every image of `source` into the store `out_dir`.
+
+    source: an image source of nacosae.images (`records()`, `load(record)`, `len()`, `skipped`): read by index, each
+        rank decoding only its own images; or any iterable of (record, PIL image) (then `len()` or `max_images` must
+        bound it, and every rank walks it from the start).
+    backbone: `preprocess(pil) -> (C, H, W)`, `activations(pixels_BCHW, layer, tokens) -> (B, T, D)`,
+        `provenance(layer, tokens) -> dict` (nacosae.backbones).
+    shard_rows: rows per shard (rounded down to whole images, at least one image per shard).
+    dtype: how activations are stored: 'float16' (half the disk of float32), 'bfloat16' or 'float32'.
+    rank, world_size: default from torch.distributed, else env RANK / WORLD_SIZE (torchrun, accelerate), else 0 / 1.
+    num_workers: DataLoader processes decoding and preprocessing images (0: in this process).
+
+    Re-running with the same arguments resumes after the last shard written; a store made from another backbone,
+    layer, tokens, dtype or image list is an error. Unreadable images are skipped and listed in meta.json ('skipped').
+    Returns the finished store; None on a rank whose peers (launched without torch.distributed) are still running,
+    in which case the last rank to finish completes the store (or call `finalize_store(out_dir)`).
+    """
+    import torch.distributed as dist
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size <= 0 or shard_rows <= 0:
+        raise ValueError(f"batch_size and shard_rows must be positive, got {batch_size}, {shard_rows}")
+    if max_images is not None and max_images <= 0:
+        raise ValueError(f"max_images must be positive or None, got {max_images}")
+    rank, world_size = resolve_rank(rank, world_size)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    out_dir = Path(out_dir)
+
+    records = source.records() if _random_access(source) else None
+    n_source = len(records) if records is not None else (len(source) if hasattr(source, "__len__") else None)
+    if n_source is None and max_images is None:
+        raise ValueError("this source has no length: pass max_images to bound the extraction")
+    n_images = n_source if max_images is None else (max_images if n_source is None else min(max_images, n_source))
+    if n_images <= 0:
+        raise ValueError(f"nothing to extract: the source has {n_source} images")
+    if records is not None:
+        records = records[:n_images]
+    run = {"provenance": backbone.provenance(layer, tokens), "dtype": dtype, "n_images_total": n_images,
+           "source": _source_id(source, records), "world_size": world_size}
+
+    meta_path = out_dir / META_NAME
+    if meta_path.exists():
+        meta = _read_json(meta_path, "store metadata")
+        if meta.get("complete"):
+            # Finished already: any world size may reopen it, but never with other activations.
+            check_same_run(out_dir, meta, run, keys=("provenance", "dtype", "n_images_total", "source"))
+            return ActivationStore(out_dir)
+
+    start, stop = rank_slice(n_images, rank, world_size)
+    writer = StoreWriter(out_dir, run, rank, start, stop)
+    if not writer.done:
+        if records is not None:
+            dataset = _Images(source, records, backbone.preprocess)
+            make_loader = lambda batches: DataLoader(dataset, batch_sampler=batches, collate_fn=_collate,  # noqa: E731
+                                                     num_workers=num_workers)
+        else:
+            make_loader = lambda batches: _iterable_batches(source, backbone.preprocess, batches)  # noqa: E731
+        _extract_slice(make_loader, backbone, layer, tokens, writer, stop, batch_size, shard_rows, dtype, device, progress)
+        writer.mark_done(_source_skipped(source))
+
+    if distributed:
+        dist.barrier()
+        if rank == 0:
+            finalize_store(out_dir)
+        dist.barrier()
+        return ActivationStore(out_dir)
+    return ActivationStore(out_dir) if finalize_store(out_dir) else None
+
+
+def _extract_slice(make_loader, backbone, layer, tokens, writer: StoreWriter, stop: int, batch_size: int, shard_rows: int,
+                   dtype: str, device, progress: bool) -> None:
+    """Run this rank's remaining images [writer.next_image, stop) through the backbone, one shard at a time."""
+    begin = writer.next_image
+    store_dtype = DTYPES[dtype]
+    bar = tqdm(total=stop - writer.state["image_start"], initial=begin - writer.state["image_start"], unit="img",
+               desc=f"extract rank {writer.rank}", disable=not progress)
+    # Shards are fixed chunks of image indices of shard_rows // T images. T comes from the shards already written,
+    # else from one image (run again in the loop: simpler than special-casing it, and one image is cheap).
+    T = writer.state["tokens_per_image"] or _probe_tokens(make_loader, backbone, layer, tokens, begin, stop, device)
+    images_per_shard = max(1, shard_rows // T)
+    batches = []
+    for s in range(begin, stop, images_per_shard):
+        e = min(s + images_per_shard, stop)
+        batches += [list(range(b, min(b + batch_size, e))) for b in range(s, e, batch_size)]
+
+    acts, img_ids, rows, skipped = [], [], [], []
+    shard_end = min(begin + images_per_shard, stop)
+    with torch.inference_mode():
+        for positions, batch_rows, pixels_BCHW, batch_skipped in make_loader(batches):
+            if pixels_BCHW is not None:
+                acts_BTD = backbone.activations(pixels_BCHW.to(device), layer, tokens)
+                if acts_BTD.ndim != 3 or acts_BTD.shape[0] != len(batch_rows) or acts_BTD.shape[1] != T:
+                    raise StoreError(f"backbone returned activations of shape {tuple(acts_BTD.shape)} for {len(batch_rows)} "
+                                     f"images; expected (B, T={T}, D)")
+                stored_BTD = acts_BTD.to("cpu", store_dtype)
+                if not torch.isfinite(stored_BTD).all():
+                    raise StoreError(f"non-finite activations for images {positions[0]}..{positions[-1]} in {dtype}: the "
+                                     "backbone gives NaN/inf, or values beyond float16's ±65504 (then use dtype='bfloat16' "
+                                     "or 'float32')")
+                acts.append(stored_BTD)
+                img_ids += [r["image_idx"] for r in batch_rows]
+                rows += batch_rows
+            skipped += batch_skipped
+            bar.update(len(positions))
+            if positions[-1] + 1 == shard_end:
+                if acts:
+                    acts_NTD = torch.cat(acts)
+                    n, _, D = acts_NTD.shape
+                    image_idx_N = torch.tensor(img_ids, dtype=torch.int64).repeat_interleave(T)
+                    token_idx_N = torch.arange(T, dtype=torch.int32).repeat(n)
+                    writer.write_shard(acts_NTD.reshape(n * T, D), image_idx_N, token_idx_N, rows, shard_end, skipped)
+                else:  # every image of this chunk was skipped: record that, write no shard
+                    empty = torch.empty(0)
+                    writer.write_shard(torch.empty(0, 0, dtype=store_dtype), empty, empty, [], shard_end, skipped)
+                bar.set_postfix(shards=len(writer.state["shards"]), skipped=len(writer.state["skipped"]))
+                acts, img_ids, rows, skipped = [], [], [], []
+                shard_end = min(shard_end + images_per_shard, stop)
+    bar.close()
+    if writer.next_image != stop:
+        raise StoreError(f"rank {writer.rank} stopped at image {writer.next_image} of {stop}: the source yielded fewer "
+                         "images than it said")
+
+
+def _probe_tokens(make_loader, backbone, layer, tokens, begin: int, stop: int, device) -> int:
+    """Tokens per image T, from the first readable image of this rank's slice."""
+    for i in range(begin, stop):
+        for _, _, pixels_BCHW, _ in make_loader([[i]]):
+            if pixels_BCHW is not None:
+                with torch.inference_mode():
+                    return int(backbone.activations(pixels_BCHW[:1].to(device), layer, tokens).shape[1])
+    return 1  # no readable image in the slice: every chunk is empty, so its size does not matter

@@ -1,0 +1,300 @@
+"""Extraction: skipped images, resume after a crash, ranks, refusing to mix stores, the CLI under torchrun and SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nacosae.extract import extract, rank_slice, resolve_rank
+from nacosae.store import ActivationStore, StoreError, finalize_store
+from nacosae.images import FolderSource
+from test_store import folder_source, tiny_backbone, write_images
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ROOT / "hub_scripts" / "extract.py"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("imgs"), 41, bad={6, 30})
+
+
+def run(images, out, **kw):
+    kw = {"batch_size": 3, "shard_rows": 80, "progress": False, **kw}  # 5 images (80 rows) per shard
+    return extract(folder_source(images), tiny_backbone(), "conv2", "spatial", out, **kw)
+
+
+def shard_tensors(store):
+    return [load_file(store.path / s["file"]) for s in store.shards]
+
+
+def same_rows(a, b):
+    """Two stores hold the same (image, token) → activation map, whatever their sharding."""
+    ia, ib = a.image_idx, b.image_idx
+    assert ia.tolist() == ib.tolist()
+    xa, img_a, tok_a = a.acts_for_images(ia)
+    xb, img_b, tok_b = b.acts_for_images(ib)
+    assert torch.equal(img_a, img_b) and torch.equal(tok_a, tok_b)
+    pairs = set(zip(img_a.tolist(), tok_a.tolist(), strict=True))
+    assert len(pairs) == len(img_a) == len(a)  # no duplicate (image, token) pair
+    return torch.allclose(xa, xb, atol=1e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory):
+    return run(images, tmp_path_factory.mktemp("ref") / "store")
+
+
+def test_bad_images_are_skipped_and_reported(reference, images):
+    meta = reference.meta
+    assert [s["image_idx"] for s in meta["skipped"]] == [6, 30]
+    assert meta["skipped"][0]["path"] == str(images[6]) and meta["skipped"][0]["reason"].startswith("truncated")
+    assert meta["n_images"] == 39 and len(reference) == 39 * 16
+    assert 6 not in reference.image_idx and 7 in reference.image_idx
+    assert [s["image_start"] for s in reference.shards] == list(range(0, 41, 5))
+
+
+def test_dataloader_workers_give_the_same_store(reference, images, tmp_path):
+    store = run(images, tmp_path / "store", num_workers=1)
+    for a, b in zip(shard_tensors(store), shard_tensors(reference), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert store.meta["skipped"] == reference.meta["skipped"]
+
+
+class PowerCut(FolderSource):
+    """The same folder, but the machine 'dies' when image `at` is read (an error extract must not swallow)."""
+
+    def __init__(self, paths, at):
+        super().__init__(paths[0].parent.parent, name="imgs", use_cache=False, progress=False)
+        self.at = at
+
+    def load(self, record):
+        if record.path.endswith(f"{self.at:04d}.png"):
+            raise RuntimeError("power cut")
+        return super().load(record)
+
+
+def count_calls(bb):
+    """Batch sizes of the backbone's forward passes from now on (after its own one-time shape probe)."""
+    bb.provenance("conv2", "spatial")
+    calls = []
+    real = bb.activations
+    bb.activations = lambda px, layer, tokens="all": calls.append(len(px)) or real(px, layer, tokens)
+    return calls
+
+
+def test_crash_then_resume_gives_the_uninterrupted_store(reference, images, tmp_path):
+    out = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="power cut"):
+        extract(PowerCut(images, at=23), tiny_backbone(), "conv2", "spatial", out, batch_size=3, shard_rows=80, progress=False)
+    progress = json.loads((out / "progress/rank000.json").read_text())
+    assert progress["next_image"] == 20 and len(progress["shards"]) == 4  # shards of images 0-19 are safe
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(out)
+    bb = tiny_backbone()
+    calls = count_calls(bb)
+    store = extract(folder_source(images), bb, "conv2", "spatial", out, batch_size=3, shard_rows=80, progress=False)
+    assert sum(calls) == 41 - 20 - 1  # only images 20..40 (one skipped) are redone; T is known from the shards
+    assert store.meta == reference.meta
+    for a, b in zip(shard_tensors(store), shard_tensors(reference), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert store.images == reference.images
+
+
+def test_rerun_of_a_complete_store_does_no_work(reference, images):
+    bb = tiny_backbone()
+    calls = count_calls(bb)
+    store = extract(folder_source(images), bb, "conv2", "spatial", reference.path, progress=False)
+    assert calls == []
+    assert store.meta == reference.meta
+
+
+@pytest.mark.parametrize("change", ["layer", "tokens", "weights", "dtype", "images"])
+def test_other_activations_never_mix_into_a_store(images, tmp_path, change):
+    out = tmp_path / "store"
+    with pytest.raises(RuntimeError):
+        extract(PowerCut(images, at=12), tiny_backbone(), "conv2", "spatial", out, batch_size=3, shard_rows=80, progress=False)
+    layer, tokens, bb, dtype, src = "conv2", "spatial", tiny_backbone(), "float16", folder_source(images)
+    if change == "layer":
+        layer = "conv1"
+    elif change == "tokens":
+        tokens = "mean"
+    elif change == "weights":
+        bb = tiny_backbone(seed=1)
+    elif change == "dtype":
+        dtype = "float32"
+    else:  # same folder name and image count, other files
+        src = folder_source(write_images(tmp_path / "other" / "imgs", 41, seed=5))
+    with pytest.raises(StoreError, match="different extraction"):
+        extract(src, bb, layer, tokens, out, dtype=dtype, batch_size=3, shard_rows=80, progress=False)
+
+
+def test_ranks_without_torch_distributed_merge_into_the_single_process_store(reference, images, tmp_path):
+    out = tmp_path / "store"
+    assert rank_slice(41, 0, 2) == (0, 20) and rank_slice(41, 1, 2) == (20, 41)
+    assert run(images, out, rank=1, world_size=2) is None  # rank 0 has not finished
+    assert not json.loads((out / "meta.json").read_text())["complete"] if (out / "meta.json").exists() else True
+    store = run(images, out, rank=0, world_size=2)  # the last rank to finish completes the store
+    assert store is not None and store.meta["world_size"] == 2
+    assert {s["rank"] for s in store.shards} == {0, 1}
+    assert same_rows(store, reference)
+    assert store.meta["skipped"] == reference.meta["skipped"]
+    assert [r["image_idx"] for r in store.images] == [r["image_idx"] for r in reference.images]
+    assert finalize_store(out)  # idempotent
+
+
+def test_rank_defaults_from_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resolve_rank() == (3, 4)
+    assert resolve_rank(0, 1) == (0, 1)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="rank"):
+        resolve_rank()
+
+
+def test_iterable_source(reference, images, tmp_path):
+    class Stream:
+        """A source that can only be walked, like a streaming dataset: it drops bad images itself."""
+
+        name = "stream"
+
+        def __init__(self):
+            self.folder = folder_source(images)
+
+        def __iter__(self):
+            return iter(self.folder)
+
+        @property
+        def skipped(self):
+            return self.folder.skipped
+
+    store = extract(Stream(), tiny_backbone(), "conv2", "spatial", tmp_path / "s", max_images=39, batch_size=3, shard_rows=80,
+                    progress=False)
+    assert [(s["image_idx"], s["path"]) for s in store.meta["skipped"]] == [(None, str(images[6])), (None, str(images[30]))]
+    assert [r["image_id"] for r in store.images] == [r["image_id"] for r in reference.images]
+    assert torch.allclose(store.acts_for_images(store.image_idx)[0], reference.acts_for_images(reference.image_idx)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="max_images"):
+        extract(Stream(), tiny_backbone(), "conv2", "spatial", tmp_path / "t", progress=False)
+
+
+# ---------------------------------------------------------------- the real backbone and the CLI
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """48 small crops of scikit-image's photos in two label folders (real pictures, quick to decode)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    names = ["astronaut", "chelsea", "coffee", "rocket"]
+    for i in range(48):
+        arr = getattr(skimage.data, names[i % 4])()
+        y, x = (i * 37) % (arr.shape[0] - 96), (i * 53) % (arr.shape[1] - 96)
+        p = root / ("left" if i < 24 else "right") / f"{names[i % 4]}-{i:02d}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(arr[y:y + 96, x:x + 96])).save(p)
+    return root
+
+
+def cli(*args, env_extra=None, launcher=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    return [*launcher, str(CLI), *map(str, args)], env
+
+
+BASE = ("--layer", "blocks.14", "--tokens", "spatial", "--batch-size", "4", "--shard-rows", str(49 * 4), "--threads", "1",
+        "--no-progress")
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, str(CLI), "--help"], capture_output=True, text=True, check=True)
+    assert "--backbone" in out.stdout and "folder:PATH" in out.stdout and "--max-images" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    from nacosae.backbones import load_backbone
+
+    torch.set_num_threads(1)
+    return load_backbone("efficientnet-lite0")
+
+
+def test_efficientnet_store_matches_the_backbone(effnet, tmp_path):
+    """The real offline backbone on scikit-image photos: stored rows are the backbone's activations, rounded to fp16."""
+    from nacosae.images import SkimageSource
+
+    bb = effnet
+    src = SkimageSource(["astronaut", "chelsea", "coffee", "rocket", "horse"])
+    store = extract(src, bb, "blocks.14", "spatial", tmp_path / "s", batch_size=2, shard_rows=49 * 2, progress=False)
+    assert (store.d, store.tokens_per_image, len(store), len(store.shards)) == (192, 49, 5 * 49, 3)
+    assert store.provenance["backbone"] == "efficientnet-lite0" and store.provenance["weights"].startswith("imagenet")
+    assert [r["label"] for r in store.images] == ["astronaut", "chelsea", "coffee", "rocket", "horse"]
+    pixels = torch.stack([bb.preprocess(img) for _, img in src])
+    want = bb.activations(pixels, "blocks.14", "spatial").reshape(-1, 192)
+    got, img, tok = store.acts_for_images(range(5))
+    assert torch.allclose(got, want.half().float(), atol=2e-3, rtol=1e-3)
+    assert img.tolist() == sorted(list(range(5)) * 49) and tok.tolist() == list(range(49)) * 5
+
+
+@pytest.fixture(scope="module")
+def cli_reference(photos, effnet, tmp_path_factory):
+    """What the CLI runs below should produce: the same extraction, uninterrupted, in this process."""
+    return extract(FolderSource(photos), effnet, "blocks.14", "spatial",
+                   tmp_path_factory.mktemp("cli") / "store", batch_size=4, shard_rows=49 * 4, progress=False)
+
+
+def test_torchrun_two_processes_equal_one(photos, cli_reference, tmp_path):
+    out = tmp_path / "store"
+    argv, env = cli("--source", f"folder:{photos}", "--out", out, *BASE,
+                    launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    store = ActivationStore(out)
+    assert store.meta["world_size"] == 2 and {s["rank"] for s in store.shards} == {0, 1}
+    assert len(store) == len(cli_reference) == 48 * 49
+    assert same_rows(store, cli_reference)
+    assert store.images == cli_reference.images
+
+
+def test_sigkill_then_rerun_resumes(photos, cli_reference, effnet, tmp_path):
+    out = tmp_path / "store"
+    argv, env = cli("--source", f"folder:{photos}", "--out", out, *BASE)
+    proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "progress" / "rank000.json"
+    deadline = time.time() + 120
+    n_shards = 0
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists():
+            try:
+                n_shards = len(json.loads(progress.read_text())["shards"])
+            except json.JSONDecodeError:  # never expected (atomic writes): fail loudly below if it happens
+                raise
+            if n_shards >= 3:
+                break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= n_shards < 12, "the run should have been killed part-way"
+    killed_at = json.loads(progress.read_text())
+    assert not killed_at["done"] and killed_at["next_image"] < 48
+    # Resume in this process (the library path the CLI calls; a second CLI start-up would only cost time).
+    store = extract(FolderSource(photos), effnet, "blocks.14", "spatial", out, batch_size=4, shard_rows=49 * 4, progress=False)
+    assert store.meta == cli_reference.meta
+    for a, b in zip(shard_tensors(store), shard_tensors(cli_reference), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)  # identical to the uninterrupted run, bit for bit
+
+
+def test_resume_needs_the_same_number_of_processes(images, tmp_path):
+    out = tmp_path / "store"
+    assert run(images, out, rank=1, world_size=2) is None
+    with pytest.raises(StoreError, match="same number"):
+        run(images, out)
+    with pytest.raises(StoreError, match=r"layer.*'conv2'.*'conv1'"):
+        extract(folder_source(images), tiny_backbone(), "conv1", "spatial", out, rank=0, world_size=2, progress=False)
