@@ -4,10 +4,15 @@
    full extraction into a store (DataLoader, fp16 cast, shards, progress files). Overhead target: <= 10 %.
    Best of --repeats runs each, interleaved; CPU time as well as wall time, since CPU time barely moves when other
    jobs share the machine.
-2. The streaming reader on a store larger than a RAM budget: peak resident memory of a reader process (sampled at
-   every batch) and its address space capped with RLIMIT_AS at (its size after start-up + the budget).
+2. The streaming reader on a store larger than a RAM budget: peak anonymous resident memory of a reader process
+   (sampled at every batch) against the budget. Anonymous, because the reader memory-maps the shards: their pages
+   are file cache (RssFile, reclaimable), and the maps make address-space limits (RLIMIT_AS) meaningless.
+3. With --store PATH, on a real store: throughput (rows/s) of the chunk-mixing reader vs the previous one that
+   shuffled within groups of whole shards (kept below as `legacy_iter_batches`), best of --repeats epochs each,
+   interleaved, and how far each one's batch means stray from the store mean, next to an i.i.d. reference.
 
     python benchmarks/bench_extract.py --source openclipart --n-images 300 --threads 1
+    python benchmarks/bench_extract.py --skip-extract --skip-reader --store runs/offline_default/acts/blocks.14
 """
 
 from __future__ import annotations
@@ -32,8 +37,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 reduces noise)")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs of each")
-    p.add_argument("--ram-budget-mb", type=int, default=256, help="reader part: the store is twice this size")
-    p.add_argument("--buffer-shards", type=int, default=4)
+    p.add_argument("--ram-budget-mb", type=int, default=512,
+                   help="reader part: the store is twice this size (the default buffer is 320 MB at its d=1280)")
+    p.add_argument("--buffer-rows", type=int, default=2**17, help="reader: rows in the shuffle buffer")
+    p.add_argument("--chunk-rows", type=int, default=1024, help="reader: rows per chunk")
+    p.add_argument("--store", default=None, help="part 3: a real store to compare the readers on")
+    p.add_argument("--legacy-buffer-shards", type=int, default=4, help="part 3: the old reader's buffer (its default)")
+    p.add_argument("--reader-batch-size", type=int, default=4096, help="part 3: batch size (train_sae's default)")
     p.add_argument("--shard-mb", type=int, default=16, help="reader part: size of one shard")
     p.add_argument("--skip-reader", action="store_true")
     p.add_argument("--skip-extract", action="store_true")
@@ -143,7 +153,7 @@ def bench_extract(args) -> list[tuple[str, str]]:
 
 
 READER_PROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from nacosae.store import ActivationStore
 
@@ -151,17 +161,16 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-path, budget, buffer_shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, buffer_rows, chunk_rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = ActivationStore(path)
 list(store.iter_batches(4096, n_epochs=1, rows=[0]))  # warm-up: lazy initialisation, one shard
-vm, rss0 = status("VmSize:"), status("VmRSS:")
-resource.setrlimit(resource.RLIMIT_AS, (vm + budget, vm + budget))  # the reader may not map more than the budget
+rss0 = status("RssAnon:")
 peak, rows, t0 = rss0, 0, time.perf_counter()
-for x in store.iter_batches(4096, n_epochs=1, buffer_shards=buffer_shards):
+for x in store.iter_batches(4096, n_epochs=1, buffer_rows=buffer_rows, chunk_rows=chunk_rows):
     rows += len(x)
-    peak = max(peak, status("VmRSS:"))
+    peak = max(peak, status("RssAnon:"))
 dt = time.perf_counter() - t0
-print(json.dumps({"rows": rows, "seconds": dt, "rss_before": rss0, "rss_peak": peak, "hwm": status("VmHWM:")}))
+print(json.dumps({"rows": rows, "seconds": dt, "rss_before": rss0, "rss_peak": peak, "rss_file": status("RssFile:")}))
 """
 
 
@@ -190,10 +199,10 @@ def bench_reader(args) -> list[tuple[str, str]]:
         store_bytes = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
         # Large blocks straight from mmap, so freed buffers leave the resident set and RSS tracks live tensors.
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-        res = subprocess.run([sys.executable, "-c", READER_PROBE, str(path), str(budget), str(args.buffer_shards)],
+        res = subprocess.run([sys.executable, "-c", READER_PROBE, str(path), str(args.buffer_rows), str(args.chunk_rows)],
                              capture_output=True, text=True, env=env)
         if res.returncode:
-            return [("reader under RLIMIT_AS", f"FAILED: {res.stderr.strip().splitlines()[-1]}")]
+            return [("reader", f"FAILED: {res.stderr.strip().splitlines()[-1]}")]
         r = json.loads(res.stdout.strip().splitlines()[-1])
         assert r["rows"] == len(ActivationStore(path))
     shard_bytes = rows_per_shard * d * 2
@@ -201,14 +210,99 @@ def bench_reader(args) -> list[tuple[str, str]]:
     mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
     return [
         ("store (random fp16, d=1280, T=49)", f"{mb(store_bytes)} in {n_shards} shards of {mb(shard_bytes)}"),
-        ("RAM budget (RLIMIT_AS on top of start-up)", f"{mb(budget)}: iteration finished within it"),
-        (f"reader peak RSS growth, buffer_shards={args.buffer_shards}",
-         f"{mb(growth)} = {growth / shard_bytes:.1f} shards ({100 * growth / store_bytes:.0f} % of the store)"),
+        ("RAM budget (anonymous memory on top of start-up)",
+         f"{mb(budget)}: {'kept' if growth <= budget else '**EXCEEDED**'} (peak growth {mb(growth)})"),
+        (f"reader peak anonymous RSS growth, buffer_rows={args.buffer_rows}, chunk_rows={args.chunk_rows}",
+         f"{mb(growth)} ({100 * growth / store_bytes:.0f} % of the store)"),
         # What should be live: the buffer, plus one yielded batch (its fp16 gather and its float32 copy).
-        ("expected: buffer + one 4096-row batch (fp16 + fp32)", mb(args.buffer_shards * shard_bytes + 4096 * d * 6)),
-        ("reader process RSS (after start-up → peak)", f"{mb(r['rss_before'])} → {mb(r['rss_peak'])}"),
+        ("expected: buffer + one 4096-row batch (fp16 + fp32)", mb(args.buffer_rows * d * 2 + 4096 * d * 6)),
+        ("reader process anonymous RSS (after start-up → peak)", f"{mb(r['rss_before'])} → {mb(r['rss_peak'])}"),
+        ("mapped shard pages resident at the end (file cache)", mb(r["rss_file"])),
         ("reader throughput", f"{r['rows'] / r['seconds'] / 1e6:.2f} M rows/s ({store_bytes / r['seconds'] / 2**20:.0f} MB/s)"),
     ]
+
+
+def legacy_iter_batches(store, batch_size: int, shuffle: bool = True, seed: int = 0, n_epochs: int = 1,
+                        buffer_shards: int = 4):
+    """The reader nacosae had before chunk mixing: shards in random order, `buffer_shards` whole shards loaded at a
+    time and shuffled among themselves only (so a buffer holds a few contiguous runs of images). Kept here to measure
+    the new reader against it."""
+    import numpy as np
+    import torch
+
+    from nacosae.store import _take_rows
+
+    counts = store._rows_per_shard(None)
+    shard_ids = np.flatnonzero(counts)
+    carry_ND = torch.empty(0, store.d, dtype=store.dtype)
+    for epoch in range(n_epochs):
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(shard_ids) if shuffle else shard_ids
+        for g in range(0, len(order), buffer_shards):
+            group = order[g:g + buffer_shards]
+            pool_ND = torch.empty(len(carry_ND) + int(counts[group].sum()), store.d, dtype=store.dtype)
+            pool_ND[:len(carry_ND)] = carry_ND
+            filled = len(carry_ND)
+            for j in group:
+                acts_ND = store._load_shard(j, ("acts_ND",))["acts_ND"]
+                pool_ND[filled:filled + len(acts_ND)] = acts_ND
+                filled += len(acts_ND)
+            n_full = filled // batch_size * batch_size
+            perm = rng.permutation(filled)
+            for i in range(0, n_full, batch_size):
+                yield _take_rows(pool_ND, perm[i:i + batch_size]).float()
+            carry_ND = _take_rows(pool_ND, perm[n_full:])
+    if len(carry_ND):
+        yield carry_ND.float()
+
+
+def bench_store_reader(args) -> list[tuple[str, str]]:
+    """Old vs new reader on a real store: one shuffled epoch each, --repeats times, interleaved (page cache warm)."""
+    import numpy as np
+    import torch
+
+    from nacosae.store import ActivationStore
+
+    torch.set_num_threads(args.threads)
+    store = ActivationStore(args.store)
+    B = args.reader_batch_size
+    readers = {
+        f"old (buffer_shards={args.legacy_buffer_shards})":
+            lambda seed: legacy_iter_batches(store, B, seed=seed, buffer_shards=args.legacy_buffer_shards),
+        f"new (buffer_rows={args.buffer_rows}, chunk_rows={args.chunk_rows})":
+            lambda seed: store.iter_batches(B, seed=seed, n_epochs=1, buffer_rows=args.buffer_rows, chunk_rows=args.chunk_rows),
+    }
+    for it in readers.values():  # warm-up: page cache, lazy initialisation
+        sum(len(x) for x in it(args.repeats))
+    times = {name: [] for name in readers}
+    for r in range(args.repeats):
+        for name, it in readers.items():
+            t0 = time.perf_counter()
+            n = sum(len(x) for x in it(r))
+            times[name].append(time.perf_counter() - t0)
+            assert n == len(store), (name, n)
+    # Mixing: RMS over channels of (batch mean - store mean) / channel sd, averaged over the full batches of an epoch.
+    x_ND = torch.cat([a.reshape(-1, store.d) for _, a in store.iter_images(1024)]).double()
+    mu_D, sd_D = x_ND.mean(0), x_ND.std(0)
+
+    def stray(batches):
+        devs = [(((x.double().mean(0) - mu_D) / sd_D) ** 2).mean().sqrt().item() for x in batches if len(x) == B]
+        return float(np.mean(devs)), float(np.max(devs))
+
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(x_ND)))
+    iid = stray(x_ND[perm[i:i + B]] for i in range(0, len(x_ND), B))
+    del x_ND
+    out = [("store", f"{args.store}: {len(store)} rows, d={store.d}, {store.meta['dtype']}, {len(store.shards)} shards"),
+           ("batch size, torch threads, repeats", f"{B}, {args.threads}, {args.repeats}")]
+    for name, it in readers.items():
+        best, median = min(times[name]), float(np.median(times[name]))
+        m, mx = stray(it(0))
+        every = ", ".join(f"{len(store) / t / 1e3:.0f}" for t in times[name])
+        out += [(f"reader {name}: throughput",
+                 f"**{len(store) / best / 1e3:.0f} k rows/s** best, {len(store) / median / 1e3:.0f} k median (all: {every})"),
+                (f"reader {name}: batch-mean stray (mean / max)", f"{m:.3f} / {mx:.3f}")]
+    out.append(("i.i.d. rows (whole store permuted in memory): batch-mean stray (mean / max)", f"{iid[0]:.3f} / {iid[1]:.3f}"))
+    return out
 
 
 def main(argv=None) -> int:
@@ -218,6 +312,8 @@ def main(argv=None) -> int:
         rows += bench_extract(args)
     if not args.skip_reader:
         rows += bench_reader(args)
+    if args.store:
+        rows += bench_store_reader(args)
     print("| measure | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")

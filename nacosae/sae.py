@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from nacosae import __version__
 from nacosae.io import atomic_save_safetensors, atomic_write_json
+from nacosae.kernels import TopKWorkspace, resolve_matmul_dtype, topk_autoencoder
 
 SCHEMA_VERSION = 1
 ACTIVATIONS = ("topk", "batchtopk", "relu")
@@ -106,8 +107,9 @@ class SAEOutput(NamedTuple):
 
     x_hat: Tensor
     """(B, D) reconstruction of the scaled input with all latents."""
-    codes: Tensor
-    """(B, S) dense latent code (zeros where a latent is off)."""
+    codes: Tensor | None
+    """(B, S) dense latent code (zeros where a latent is off); None from the fast TopK path, which never forms it
+    (use `top_idx`/`top_vals`, or `dense_codes`)."""
     fvu: Tensor
     """Fraction of variance unexplained over the batch, Σ‖x − x̂‖² / Σ‖x − x̄‖² (the reconstruction loss)."""
     aux_loss: Tensor
@@ -118,6 +120,17 @@ class SAEOutput(NamedTuple):
     """The objective: mean FVU over Matryoshka prefixes (or the FVU) + aux_loss + sparsity_loss."""
     l0: Tensor
     """Mean number of active latents per input."""
+    top_vals: Tensor | None = None
+    """(B, K) values of the k selected latents (ReLU'd; 0 where the pre-activation was ≤ 0), topk only."""
+    top_idx: Tensor | None = None
+    """(B, K) indices of the k selected latents, topk only."""
+
+    def dense_codes(self, d_sae: int) -> Tensor:
+        """The (B, S) dense code, built from `top_idx`/`top_vals` when the fast path left `codes` empty."""
+        if self.codes is not None:
+            return self.codes
+        zeros_BS = self.top_vals.new_zeros(self.top_vals.shape[0], d_sae)
+        return zeros_BS.scatter(-1, self.top_idx, self.top_vals)
 
 
 class SAE(nn.Module):
@@ -133,6 +146,14 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(D, device=device, dtype=dtype))
         # BatchTopK's inference threshold (scaled space); -1 = not yet estimated.
         self.register_buffer("threshold", torch.tensor(-1.0, device=device, dtype=dtype))
+        self.fast_topk: bool = True
+        """Training forward of a TopK SAE without Matryoshka prefixes runs `nacosae.kernels.topk_autoencoder`
+        (sparse decoder, sparse backward, no dense codes); False: the dense reference path below."""
+        self.matmul_dtype: str = "auto"
+        """Precision of the fast path's encoder matmul: 'float32', 'bfloat16' (bf16 inputs, fp32 accumulation and
+        fp32 master weights) or 'auto' (bfloat16 where the hardware has a bf16 matmul, float32 elsewhere).
+        A training setting, not saved with the weights; encode/decode always run in the weights' dtype."""
+        self._workspace = TopKWorkspace()  # buffers the fast path reuses across steps
 
     # ---------------------------------------------------------------- set-up
     @torch.no_grad()
@@ -175,10 +196,14 @@ class SAE(nn.Module):
         return self.decode(self.encode(x_BD))
 
     # ---------------------------------------------------------------- training objective (scaled space)
-    def forward(self, x_BD: Tensor, dead_mask_S: Tensor | None = None) -> SAEOutput:
-        """Training loss on raw activations `x_BD`. `dead_mask_S` marks latents the AuxK loss may use."""
+    def forward(self, x_BD: Tensor, dead_mask_S: Tensor | None = None, matmul_dtype: str | torch.dtype | None = None) -> SAEOutput:
+        """Training loss on raw activations `x_BD`. `dead_mask_S` marks latents the AuxK loss may use.
+
+        `matmul_dtype` overrides `self.matmul_dtype` for this call (fast TopK path only)."""
         cfg = self.cfg
         x_BD = x_BD.to(self.W_enc.dtype) / cfg.input_scale
+        if self.fast_topk and cfg.activation == "topk" and not cfg.matryoshka_sizes and self.W_enc.dtype == torch.float32:
+            return self._forward_fast_topk(x_BD, dead_mask_S, self.matmul_dtype if matmul_dtype is None else matmul_dtype)
         pre_BS = F.linear(x_BD - self.b_dec, self.W_enc, self.b_enc)
         if cfg.activation == "topk":
             codes_BS = _topk_dense(pre_BS, cfg.k)
@@ -229,12 +254,34 @@ class SAE(nn.Module):
                     self.threshold.mul_(0.99).add_(0.01 * smallest)
         return codes_BS
 
+    def _forward_fast_topk(self, x_BD: Tensor, dead_mask_S: Tensor | None, matmul_dtype) -> SAEOutput:
+        """The TopK objective of `forward` through the sparse kernel: same losses, no (B, S) tensor but the
+        pre-activations (kept in a reused buffer)."""
+        cfg = self.cfg
+        use_aux = dead_mask_S is not None and cfg.n_aux > 0 and bool(dead_mask_S.any())
+        res = topk_autoencoder(
+            x_BD, self.W_enc, self.b_enc, self.W_dec, self.b_dec, cfg.k,
+            matmul_dtype=resolve_matmul_dtype(matmul_dtype, x_BD.device),
+            dead_mask_S=dead_mask_S if use_aux else None, k_aux=cfg.n_aux, workspace=self._workspace,
+        )
+        total_var = (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        fvu = (x_BD - res.x_hat).pow(2).sum() / total_var
+        zero = x_BD.new_zeros(())
+        aux_loss = zero
+        if use_aux:
+            aux_loss = cfg.aux_coeff * self._aux_fvu_from(x_BD - res.x_hat.detach(), res.aux_vals, res.aux_idx)
+        l0 = (res.top_vals > 0).sum(-1).float().mean()
+        return SAEOutput(res.x_hat, None, fvu, aux_loss, zero, fvu + aux_loss, l0, res.top_vals, res.top_idx)
+
     def _aux_fvu(self, residual_BD: Tensor, pre_BS: Tensor, dead_mask_S: Tensor) -> Tensor:
         """AuxK (Gao et al. 2024): reconstruct the residual from the top k_aux dead latents, no second b_dec."""
         k_aux = min(self.cfg.n_aux, int(dead_mask_S.sum()))
         dead_pre_BS = pre_BS.masked_fill(~dead_mask_S, float("-inf"))
         vals_BK, idx_BK = dead_pre_BS.topk(k_aux, dim=-1)
-        e_hat_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=F.relu(vals_BK), mode="sum")
+        return self._aux_fvu_from(residual_BD, vals_BK, idx_BK)
+
+    def _aux_fvu_from(self, residual_BD: Tensor, aux_pre_BA: Tensor, aux_idx_BA: Tensor) -> Tensor:
+        e_hat_BD = F.embedding_bag(aux_idx_BA, self.W_dec, per_sample_weights=F.relu(aux_pre_BA), mode="sum")
         var = (residual_BD - residual_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
         return (residual_BD - e_hat_BD).pow(2).sum() / var
 
@@ -243,8 +290,9 @@ class SAE(nn.Module):
     def remove_parallel_grad(self) -> None:
         """Drop the gradient component along each decoder row, so the step moves rows on the unit sphere."""
         if self.W_dec.grad is not None:
+            # g -= (g·w) w per row, as one batched dot and one fused update: no (S, D) temporaries.
             g = self.W_dec.grad
-            g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+            g.addcmul_(self.W_dec, torch.einsum("sd,sd->s", g, self.W_dec).unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

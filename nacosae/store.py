@@ -242,15 +242,20 @@ def finalize_store(out_dir: str | os.PathLike) -> bool:
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _as_bits(x_ND: Tensor) -> np.ndarray:
+    """The raw bits of a CPU tensor as a numpy array sharing its memory (works for bfloat16, which numpy lacks)."""
+    return x_ND.view(_SAME_SIZE_INT[x_ND.element_size()]).numpy()
+
+
 def _take_rows(x_ND: Tensor, idx: np.ndarray) -> Tensor:
     """x_ND[idx] for a CPU tensor, through numpy's take on the raw bits: about 4× faster than torch's fancy indexing
     on float16 rows (and it works for bfloat16, which numpy has no type for)."""
-    bits = x_ND.view(_SAME_SIZE_INT[x_ND.element_size()]).numpy()
-    return torch.from_numpy(bits.take(idx, axis=0)).view(x_ND.dtype)
+    return torch.from_numpy(_as_bits(x_ND).take(idx, axis=0)).view(x_ND.dtype)
 
 
 class ActivationStore:
-    """A complete store on disk. Nothing is loaded up front beyond `meta.json`; readers hold a few shards at a time.
+    """A complete store on disk. Nothing is loaded up front beyond `meta.json`; readers hold one shard, or one bounded
+    buffer of chunks, at a time.
 
         store = ActivationStore("runs/acts")
         train_images, val_images = store.split(0.1, seed=0)
@@ -356,45 +361,99 @@ class ActivationStore:
         except (SafetensorError, OSError) as e:
             raise StoreError(f"cannot read shard {path}: {e}. The file is corrupt; re-extract the store") from e
 
+    # ---------------------------------------------------------------- chunked reads (memory-mapped slices)
+    def _chunk_table(self, mask: np.ndarray | None, chunk_rows: int) -> np.ndarray:
+        """(n_chunks, 4) int64 rows (shard, lo, hi, n): each shard's selected rows cut into chunks of `chunk_rows`
+        (a shard's last chunk may be shorter); a chunk is the n selected rows among the shard's rows [lo, hi).
+
+        Computed from the images table alone (no shard is read): rows are image-major, T per image, and a shard holds
+        its images in index order.
+        """
+        T = self.tokens_per_image
+        owner = np.searchsorted(self._starts, self.image_idx, side="right") - 1  # sorted, as image_idx is
+        bounds = np.searchsorted(owner, np.arange(len(self.shards) + 1))
+        parts = []
+        for j, shard in enumerate(self.shards):
+            imgs = self.image_idx[bounds[j]:bounds[j + 1]]
+            if len(imgs) * T != shard["n_rows"]:
+                raise StoreError(f"{shard['file']} has {shard['n_rows']} rows, {IMAGES_NAME} lists {len(imgs)} images of "
+                                 f"{T} tokens for it: corrupt store; re-run finalize_store or re-extract")
+            # Positions (within the shard, in images) of the selected images: every image when there is no mask.
+            pos = np.arange(len(imgs)) if mask is None else np.flatnonzero(mask[imgs])
+            first = np.arange(0, len(pos) * T, chunk_rows)  # index of each chunk's first row among the selected ones
+            last = np.minimum(first + chunk_rows, len(pos) * T) - 1
+            lo = pos[first // T] * T + first % T  # selected row s is shard row pos[s // T] * T + s % T
+            hi = pos[last // T] * T + last % T + 1
+            parts.append(np.stack([np.full_like(first, j), lo, hi, last + 1 - first], axis=1))
+        return np.concatenate(parts).astype(np.int64)
+
+    def _read_chunk(self, shards: _MappedShards, j: int, lo: int, hi: int, n: int, mask: np.ndarray | None) -> Tensor:
+        """The n selected rows among rows [lo, hi) of shard j, in the store dtype, read from its memory map (only the
+        bytes of those rows are touched)."""
+        acts, image_idx = shards.slices(j)
+        if mask is None:
+            return acts[lo:hi]
+        keep_N = mask[image_idx[lo:hi].numpy()]  # the chunk's image ids, from the shard itself
+        if int(keep_N.sum()) != n:
+            raise StoreError(f"{self.shards[j]['file']} rows [{lo}, {hi}) hold {int(keep_N.sum())} selected rows, the images "
+                             f"table says {n}: corrupt store; re-extract it")
+        if n == hi - lo:
+            return acts[lo:hi]
+        # A selection leaves gaps of whole images: read each run of selected rows on its own.
+        edges_R = np.flatnonzero(np.diff(np.concatenate(([0], keep_N.view(np.int8), [0]))))
+        return torch.cat([acts[lo + a:lo + b] for a, b in zip(edges_R[::2].tolist(), edges_R[1::2].tolist(), strict=True)])
+
     # ---------------------------------------------------------------- streaming readers
     def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, n_epochs: int | None = None, rows=None,
-                     device: str | torch.device = "cpu", buffer_shards: int = 4, drop_last: bool = False) -> Iterator[Tensor]:
-        """Yield float32 (B, D) batches, streaming: at most `buffer_shards` shards are in memory at once.
+                     device: str | torch.device = "cpu", buffer_rows: int = 2**17, chunk_rows: int = 1024,
+                     drop_last: bool = False) -> Iterator[Tensor]:
+        """Yield float32 (B, D) batches, streaming: at most `buffer_rows` rows (plus one batch) are in memory at once.
 
-        Each epoch visits the shards in a new random order (seeded by (seed, epoch)), loads them `buffer_shards` at a
-        time into one buffer, and yields the buffer's rows in random order; fewer than `batch_size` leftover rows carry
-        over into the next buffer. So rows are mixed across `buffer_shards` shards (each a contiguous run of images),
-        not across the whole store: raise `buffer_shards` for a better shuffle at the cost of memory.
+        Every shard's selected rows are cut into chunks of `chunk_rows` rows. Each epoch permutes all chunks of all
+        shards (seeded by (seed, epoch)) and fills a buffer with the next chunks, up to `buffer_rows` rows (about
+        `buffer_rows // chunk_rows` chunks), so one buffer draws from all over the store rather than from a few shards
+        (each a contiguous run of images, which sources list by category); the buffer's rows are yielded in random
+        order, and fewer than `batch_size` leftover rows carry over into the next buffer. Mixing is i.i.d. down to the
+        chunk: a larger `buffer_rows` or a smaller `chunk_rows` mixes finer; each chunk is one slice of a
+        memory-mapped shard, so smaller chunks cost more reads. `shuffle=False` yields the rows in image order.
         `n_epochs=None` streams forever; otherwise the last, partial batch is yielded unless `drop_last`.
         `rows` restricts to the rows of these image indices (e.g. one side of `split`).
+        The shards stay memory-mapped while iterating: pages read count in the process's resident set as file cache
+        (reclaimable, shared with the OS cache); the reader's own memory is the buffer.
         """
-        if batch_size <= 0 or buffer_shards <= 0:
-            raise ValueError(f"batch_size and buffer_shards must be positive, got {batch_size}, {buffer_shards}")
+        if batch_size <= 0 or buffer_rows <= 0 or chunk_rows <= 0:
+            raise ValueError(f"batch_size, buffer_rows and chunk_rows must be positive, got {batch_size}, {buffer_rows}, "
+                             f"{chunk_rows}")
+        if chunk_rows > buffer_rows:
+            raise ValueError(f"chunk_rows ({chunk_rows}) must be <= buffer_rows ({buffer_rows}): a buffer holds whole "
+                             "chunks; raise buffer_rows or lower chunk_rows")
         if n_epochs is not None and n_epochs < 0:
             raise ValueError(f"n_epochs must be >= 0 or None, got {n_epochs}")
         mask = self._image_mask(rows)
-        counts = self._rows_per_shard(mask)
-        shard_ids = np.flatnonzero(counts)
-        if not len(shard_ids):
+        chunks = self._chunk_table(mask, chunk_rows)
+        chunks = chunks[chunks[:, 3] > 0]
+        if not len(chunks):
             raise StoreError("the selection has no rows: `rows` names no image of this store")
+        shards = _MappedShards(self)
         carry_ND = torch.empty(0, self.d, dtype=self.dtype)
         epoch = 0
         while n_epochs is None or epoch < n_epochs:
             rng = np.random.default_rng([seed, epoch])
-            order = rng.permutation(shard_ids) if shuffle else shard_ids
-            for g in range(0, len(order), buffer_shards):
-                group = order[g:g + buffer_shards]
-                # One preallocated buffer, filled shard by shard: peak memory is the buffer plus one loaded shard.
-                pool_ND = torch.empty(len(carry_ND) + int(counts[group].sum()), self.d, dtype=self.dtype)
+            order = rng.permutation(len(chunks)) if shuffle else np.arange(len(chunks))
+            for group in _fill_groups(chunks[order, 3], buffer_rows):
+                part = chunks[order[group]]
+                # One preallocated buffer, filled chunk by chunk: peak memory is the buffer plus one chunk.
+                pool_ND = torch.empty(len(carry_ND) + int(part[:, 3].sum()), self.d, dtype=self.dtype)
                 pool_ND[:len(carry_ND)] = carry_ND
                 filled = len(carry_ND)
                 del carry_ND
-                for j in group:
-                    acts_ND = self._select(self._load_shard(j, ("acts_ND", "image_idx_N")), mask)
-                    pool_ND[filled:filled + len(acts_ND)] = acts_ND
-                    filled += len(acts_ND)
-                    del acts_ND
-                assert filled == len(pool_ND), "images table and shards disagree on row counts"
+                # Chunk copies go through numpy: a plain memcpy each, where torch would start a parallel region per
+                # chunk, which costs far more than the copy when the cores are busy (e.g. with the training step).
+                pool_bits = _as_bits(pool_ND)
+                for j, lo, hi, n in part.tolist():
+                    pool_bits[filled:filled + n] = _as_bits(self._read_chunk(shards, j, lo, hi, n, mask))
+                    filled += n
+                del pool_bits
                 n_full = filled // batch_size * batch_size
                 if shuffle:
                     perm = rng.permutation(filled)
@@ -493,3 +552,40 @@ class ActivationStore:
             del img_N, acts_NTD
         if n_pend:
             yield torch.cat(pend_img), torch.cat(pend_acts).to(device).float()
+
+
+def _fill_groups(sizes_C: np.ndarray, buffer_rows: int) -> Iterator[np.ndarray]:
+    """Consecutive runs of chunk positions whose sizes sum to at most `buffer_rows` (greedy; every size <= buffer_rows)."""
+    start, total = 0, 0
+    for i, n in enumerate(sizes_C.tolist()):
+        if total + n > buffer_rows:
+            yield np.arange(start, i)
+            start, total = i, 0
+        total += n
+    yield np.arange(start, len(sizes_C))
+
+
+class _MappedShards:
+    """The shards one reader iterates over, each opened (memory-mapped) on first use and kept open until the reader
+    is dropped, so reading a chunk is one slice of an open map, not a reopen."""
+
+    def __init__(self, store: ActivationStore):
+        self.store = store
+        self._open: dict[int, tuple[Any, Any, Any]] = {}
+
+    def slices(self, j: int) -> tuple[Any, Any]:
+        """(acts_ND, image_idx_N) slice handles of shard j: `handle[a:b]` reads rows [a, b) into a tensor."""
+        if j not in self._open:
+            shard = self.store.shards[j]
+            path = self.store.path / shard["file"]
+            try:
+                f = safe_open(path, framework="pt")
+                acts, image_idx = f.get_slice("acts_ND"), f.get_slice("image_idx_N")
+                shapes = acts.get_shape(), image_idx.get_shape()
+            except (SafetensorError, OSError) as e:
+                raise StoreError(f"cannot read shard {path}: {e}. The file is corrupt; re-extract the store") from e
+            if list(shapes[0]) != [shard["n_rows"], self.store.d] or list(shapes[1]) != [shard["n_rows"]]:
+                raise StoreError(f"shard {path} holds tensors of shapes {shapes}, meta.json says {shard['n_rows']} rows of "
+                                 f"d={self.store.d}: corrupt store; re-extract it")
+            self._open[j] = (f, acts, image_idx)
+        return self._open[j][1:]

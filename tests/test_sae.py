@@ -21,12 +21,18 @@ def test_forward_shapes_and_sparsity(activation):
     sae = SAE(SAEConfig(d_in=16, d_sae=64, activation=activation, k=4))
     x = torch.randn(32, 16)
     out = sae(x)
-    assert out.x_hat.shape == (32, 16) and out.codes.shape == (32, 64)
-    assert (out.codes >= 0).all()
+    codes = out.dense_codes(64)  # the fast TopK path leaves `codes` empty and returns (top_idx, top_vals)
+    assert out.x_hat.shape == (32, 16) and codes.shape == (32, 64)
+    assert (codes >= 0).all()
     if activation == "topk":
-        assert ((out.codes > 0).sum(-1) <= 4).all()
+        assert out.codes is None and out.top_idx.shape == (32, 4)
+        assert ((codes > 0).sum(-1) <= 4).all()
+        fast_BS = sae(x, matmul_dtype="float32").dense_codes(64)
+        sae.fast_topk = False
+        assert torch.allclose(sae(x).codes, fast_BS, atol=1e-5)  # the dense reference path agrees
+        sae.fast_topk = True
     if activation == "batchtopk":
-        assert (out.codes > 0).sum() <= 4 * 32
+        assert (codes > 0).sum() <= 4 * 32
         assert sae.threshold.item() > 0  # estimated during training forward
     out.loss.backward()
     assert sae.W_enc.grad is not None and sae.W_dec.grad is not None

@@ -110,11 +110,24 @@ def test_iter_images_in_order_and_blocks(store):
 # ---------------------------------------------------------------- streaming reader
 def test_one_epoch_yields_every_row_once(store):
     ref = sorted_rows(all_rows(store))
+    # chunk_rows 20 cuts images (16 rows) and shards (48 rows) mid-way; 1024 makes each shard one chunk
     for shuffle in (False, True):
-        batches = list(store.iter_batches(50, shuffle=shuffle, n_epochs=1, buffer_shards=3))
-        assert all(b.shape == (50, 8) and b.dtype == torch.float32 for b in batches[:-1]) and len(batches[-1]) == 960 % 50
-        assert torch.equal(sorted_rows(torch.cat(batches)), ref)
+        for buffer_rows, chunk_rows in ((100, 20), (7, 7), (2048, 1024), (2**17, 1024)):
+            batches = list(store.iter_batches(50, shuffle=shuffle, n_epochs=1, buffer_rows=buffer_rows, chunk_rows=chunk_rows))
+            assert all(b.shape == (50, 8) and b.dtype == torch.float32 for b in batches[:-1]) and len(batches[-1]) == 960 % 50
+            assert torch.equal(sorted_rows(torch.cat(batches)), ref)
     assert len(list(store.iter_batches(50, n_epochs=1, drop_last=True))) == 960 // 50
+    x = next(store.iter_batches(50, device="meta"))
+    assert x.device.type == "meta" and x.shape == (50, 8) and x.dtype == torch.float32
+
+
+def test_reader_argument_errors(store):
+    with pytest.raises(ValueError, match="must be positive"):
+        next(store.iter_batches(50, buffer_rows=0))
+    with pytest.raises(ValueError, match="raise buffer_rows or lower chunk_rows"):
+        next(store.iter_batches(50, buffer_rows=100, chunk_rows=200))
+    with pytest.raises(StoreError, match="no rows"):
+        next(store.iter_batches(50, rows=[]))
 
 
 def test_shuffle_is_seeded_and_changes_per_epoch(store):
@@ -124,8 +137,10 @@ def test_shuffle_is_seeded_and_changes_per_epoch(store):
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a[:960], a[960:])  # epoch 2 is another order ...
     assert torch.equal(sorted_rows(a[:960]), sorted_rows(a[960:]))  # ... of the same rows
-    unordered = torch.cat(list(store.iter_batches(960, shuffle=False, n_epochs=1)))
-    assert torch.equal(unordered, all_rows(store))  # shuffle=False is image order
+    for chunk_rows in (20, 1024):
+        unordered = torch.cat(list(store.iter_batches(64, shuffle=False, n_epochs=1, buffer_rows=2 * chunk_rows,
+                                                      chunk_rows=chunk_rows)))
+        assert torch.equal(unordered, all_rows(store))  # shuffle=False is image order
     endless = store.iter_batches(100)  # n_epochs=None streams forever
     assert sum(len(next(endless)) for _ in range(25)) == 2500
 
@@ -151,12 +166,86 @@ def watch_loads(store, monkeypatch):
 
 def test_readers_load_one_shard_at_a_time(store, monkeypatch):
     peak = watch_loads(store, monkeypatch)
-    assert sum(len(b) for b in store.iter_batches(32, n_epochs=2, buffer_shards=5)) == 2 * 960
     store.sample(500, seed=0)
     store.acts_for_images([0, 59, 30])
     for _ in store.iter_images(5):
         pass
     assert peak[0] == 1  # the buffer holds copies; raw shards are dropped right after copying
+
+
+def test_batch_reader_reads_chunk_slices_from_shards_opened_once(store, monkeypatch):
+    """iter_batches never loads a whole shard: it reads chunk-sized slices, opening each shard once per iteration."""
+    import nacosae.store as store_mod
+
+    watch_loads(store, monkeypatch)
+    whole = []
+    monkeypatch.setattr(ActivationStore, "_load_shard", lambda self, j, names=(): whole.append(j))
+    opens, reads = [], []
+    real_open, real_read = store_mod.safe_open, ActivationStore._read_chunk
+
+    def counting_open(path, framework):
+        opens.append(path)
+        return real_open(path, framework=framework)
+
+    def sized_read(self, shards, j, lo, hi, n, mask):
+        out = real_read(self, shards, j, lo, hi, n, mask)
+        reads.append((hi - lo, len(out)))
+        return out
+
+    monkeypatch.setattr(store_mod, "safe_open", counting_open)
+    monkeypatch.setattr(ActivationStore, "_read_chunk", sized_read)
+    _, val = store.split(0.5, seed=0)
+    for rows, n_rows, n_shards in ((None, 960, 20), (val, store.n_rows_in(val), len({i // 3 for i in val}))):
+        opens.clear()
+        got = sum(len(b) for b in store.iter_batches(32, n_epochs=3, buffer_rows=64, chunk_rows=20, rows=rows))
+        assert got == 3 * n_rows and whole == []
+        assert len(opens) == len(set(opens)) == n_shards  # each shard with selected rows opened once for 3 epochs
+    assert reads and all(n <= 20 for _, n in reads)
+    assert all(span == n for span, n in reads[:len(reads) // 2])  # no selection: a chunk is exactly its rows
+
+
+def category_store(path, n_shards=16, rows_per_shard=2048, tokens=16, n_categories=8):
+    """A store whose images come in category order, as a source listing folders does: column 0 holds the image index
+    (exact in float16 up to 2048 images), column 1 the image's category, columns 2.. noise."""
+    from nacosae.store import StoreWriter, finalize_store
+
+    per = rows_per_shard // tokens
+    n_img = n_shards * per
+    assert n_img <= 2048, "image indices must stay exact in float16"
+    run = {"provenance": {"backbone": "categories"}, "dtype": "float16", "n_images_total": n_img, "source": "cat",
+           "world_size": 1}
+    w = StoreWriter(path, run, 0, 0, n_img)
+    g = torch.Generator().manual_seed(0)
+    for k in range(n_shards):
+        ids = torch.arange(k * per, (k + 1) * per)
+        img_N = ids.repeat_interleave(tokens)
+        acts_ND = torch.randn(rows_per_shard, 4, generator=g)
+        acts_ND[:, 0] = img_N
+        acts_ND[:, 1] = img_N * n_categories // n_img
+        w.write_shard(acts_ND.half(), img_N, torch.arange(tokens).repeat(per), [{"image_idx": int(i)} for i in ids],
+                      (k + 1) * per, [])
+    w.mark_done()
+    assert finalize_store(path)
+    return ActivationStore(path)
+
+
+def test_shuffled_batches_mix_the_whole_store(tmp_path):
+    """Images in category order (16 shards, 2 categories each): every batch must draw on most shards and have the
+    category mean of the store. A reader that shuffles within a few shards at a time fails both."""
+    store = category_store(tmp_path / "cat")
+    n_shards, per_shard_img = len(store.shards), store.shards[0]["n_images"]
+    all_cat = all_rows(store)[:, 1].double()
+    mean, std = all_cat.mean().item(), all_cat.std().item()
+    # 128-row chunks: 256 chunks; a buffer holds 64 of them (a quarter of the store)
+    batches = list(store.iter_batches(512, seed=0, n_epochs=2, buffer_rows=64 * 128, chunk_rows=128, drop_last=True))
+    assert len(batches) == 2 * len(store) // 512
+    assert torch.equal(sorted_rows(torch.cat(batches[:64])), sorted_rows(all_rows(store)))  # still each row once
+    for x_BD in batches:
+        shards_hit = torch.unique(x_BD[:, 0].long() // per_shard_img)
+        assert len(shards_hit) >= 0.75 * n_shards, shards_hit
+        # A batch mean over chunks of one category each: within ~4 sd of a 64-of-256-chunk draw (sd 0.25 here).
+        assert abs(x_BD[:, 1].double().mean().item() - mean) < 0.45 * std
+    # An i.i.d. reader would pass these too; the within-shard-group reader does not (4 of 16 shards per batch).
 
 
 def write_random_store(path, n_shards, rows_per_shard, d, tokens=16):
@@ -178,15 +267,17 @@ def write_random_store(path, n_shards, rows_per_shard, d, tokens=16):
 
 
 RSS_PROBE = """
-import resource, sys, torch
+import sys, torch
 from nacosae.store import ActivationStore
-def rss():  # current resident set, bytes
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def rss():  # anonymous resident memory, bytes: the mapped shards' pages are file cache (RssFile), not the reader's
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
 store = ActivationStore(sys.argv[1])
 next(iter(store.iter_images(1)))  # warm up torch's lazy initialisation on a one-shard read
 list(store.iter_batches(256, n_epochs=1, rows=[0]))
 base, peak, n = rss(), 0, 0
-for x in store.iter_batches(256, n_epochs=1, buffer_shards=int(sys.argv[2])):
+for x in store.iter_batches(256, n_epochs=1, buffer_rows=int(sys.argv[2])):
     peak, n = max(peak, rss()), n + len(x)
 assert n == len(store)
 print(peak - base)
@@ -194,7 +285,7 @@ print(peak - base)
 
 
 def test_reader_memory_is_bounded_by_the_buffer(tmp_path):
-    """Real resident memory of a reader process: buffer_shards shards' worth, whatever the store's size (24 shards)."""
+    """Real resident memory of a reader process: buffer_rows' worth, whatever the store's size (24 shards)."""
     import os
     import subprocess
     import sys
@@ -204,10 +295,10 @@ def test_reader_memory_is_bounded_by_the_buffer(tmp_path):
     # Large blocks straight from mmap, so freed buffers leave the resident set at once and RSS tracks live tensors.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     growth = {}
-    for buffer_shards in (2, 8):
-        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(store.path), str(buffer_shards)], capture_output=True,
-                             text=True, check=True, env=env)
-        growth[buffer_shards] = int(out.stdout.split()[-1]) / shard_bytes
+    for n in (2, 8):  # buffer_rows of n shards' worth
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(store.path), str(n * 4096)],
+                             capture_output=True, text=True, check=True, env=env)
+        growth[n] = int(out.stdout.split()[-1]) / shard_bytes
     # The buffer plus at most one batch of carried-over rows; a reader that loaded the store would show 24.
     assert growth[2] < 2 + 1, growth
     assert 8 - 1 < growth[8] < 8 + 1, growth
@@ -291,6 +382,8 @@ def test_corrupt_shard_is_reported(tmp_path, store):
     (copy / store.shards[0]["file"]).write_bytes(b"garbage")
     with pytest.raises(StoreError, match="corrupt"):
         ActivationStore(copy).acts_for_images([0])
+    with pytest.raises(StoreError, match="corrupt"):
+        next(ActivationStore(copy).iter_batches(8))
 
 
 def test_float16_overflow_is_an_error_not_inf(tmp_path, images):
@@ -299,3 +392,4 @@ def test_float16_overflow_is_an_error_not_inf(tmp_path, images):
         extract(folder_source(images), loud, "conv2", "spatial", tmp_path / "s", max_images=4, progress=False)
     s = extract(folder_source(images), loud, "conv2", "spatial", tmp_path / "s32", max_images=4, dtype="float32", progress=False)
     assert s.meta["dtype"] == "float32" and torch.isfinite(s.sample(64)).all() and s.sample(64).abs().max() > 65504
+    assert torch.equal(sorted_rows(torch.cat(list(s.iter_batches(10, n_epochs=1, chunk_rows=7)))), sorted_rows(all_rows(s)))

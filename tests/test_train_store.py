@@ -81,9 +81,12 @@ def test_resume_after_sigkill(store_dir, tmp_path):
     SAE.from_pretrained(out / "sae")
 
 
-def test_refuses_to_resume_with_another_config(store_dir, tmp_path):
+def test_finished_run_is_not_redone_and_not_overwritten_by_another_config(store_dir, tmp_path):
     out = tmp_path / "run"
-    train(_cfg(store_dir, out, n_epochs=2, checkpoint_every=1), progress=False)
-    (out / "checkpoint").mkdir(exist_ok=True)  # a checkpoint exists when a run was cut short
+    _, metrics = train(_cfg(store_dir, out, n_epochs=2, checkpoint_every=1), progress=False)
+    assert not (out / "checkpoint").exists()  # removed once the final SAE and metrics are written
+    before = (out / "sae" / "model.safetensors").stat().st_mtime_ns
+    _, again = train(_cfg(store_dir, out, n_epochs=2, checkpoint_every=1), progress=False)
+    assert again == metrics and (out / "sae" / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="another config"):
         train(_cfg(store_dir, out, n_epochs=2, k=8), progress=False)
