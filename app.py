@@ -1,0 +1,374 @@
+"""nacosae feature explorer: browse, inspect, name live and steer the features of a vision SAE.
+
+    python app.py                                             # Hub repos from space_config/defaults.json, else the demo
+    python app.py --sae-repo owner/saes --results-repo owner/results
+    python app.py --sae-repo runs/hub/sae --results-repo runs/hub/results     # local folders in the Hub layout
+    NACOSAE_SAE_REPO=... NACOSAE_RESULTS_REPO=... python app.py               # the same through the environment
+
+With no network (or repos that do not load) the app serves the bundled demo in `demo/` (built by
+hub_scripts/build_demo.py from the offline default: EfficientNet-Lite0 blocks.14 SAE on Open Clip Art).
+All work happens in `nacosae.serve`; this file is the UI. GPU-side work sits in `@spaces.GPU` functions that return
+CPU data and fit one ZeroGPU call; the live naming loop runs in resumable chunks across calls.
+"""
+
+import spaces  # noqa: I001 - first: on ZeroGPU it must patch CUDA before torch initialises it
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+_READY = threading.Event()  # set once START exists
+_FIRST_SERVED = threading.Event()  # set once a browser got its first page
+
+
+def _background_start():
+    """Start-up work off the main thread: import the heatmap code (torch, matplotlib) while gradio imports, render the
+    first feature page into the cache, then (once the first visitor has their page, so the two do not compete for
+    the CPU) load the backbone and SAE weights that uploads, steering and naming need."""
+    import matplotlib  # noqa: F401
+    import torch
+
+    import nacosae.features  # noqa: F401
+
+    # One torch thread per request: requests run side by side, and OpenMP threads on a shared or busy CPU slow a
+    # 70 ms EfficientNet pass down ~10× (benchmarks/bench_app.py). NACOSAE_TORCH_THREADS overrides.
+    torch.set_num_threads(int(os.environ.get("NACOSAE_TORCH_THREADS", "1")))
+    _READY.wait()
+    try:
+        sid = START.sae_ids[0]
+        first = START.browse(sid, hide_dense=True)
+        if len(first):
+            START.feature_page(sid, int(first.iloc[0]["feature"]))
+        _FIRST_SERVED.wait(timeout=30)
+        if os.environ.get("NACOSAE_WARM_UP", "1") != "0":
+            START.warm_up(sid)
+    except serve.ServeError as e:
+        print(f"[app] warm-up failed: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    threading.Thread(target=_background_start, daemon=True).start()
+
+import gradio as gr  # noqa: E402
+
+from nacosae import serve  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+DEFAULTS = json.loads((ROOT / "space_config" / "defaults.json").read_text())
+DEMO = serve.Source(str(ROOT / DEFAULTS.get("demo_dir", "demo") / "sae"), str(ROOT / DEFAULTS.get("demo_dir", "demo") / "results"),
+                    label="bundled demo")
+ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
+# Live naming: seconds of loop per call. 0 = one step per call (the UI streams every step); on ZeroGPU a call holds a
+# GPU, so chunks are larger and stay well under the ~300 s call limit.
+NAMING_CHUNK_S = float(os.environ.get("NACOSAE_NAMING_CHUNK_S", "90" if ZERO_GPU else "0"))
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae-repo", default=os.environ.get("NACOSAE_SAE_REPO", DEFAULTS["sae_repo"]),
+                    help="SAE model repo id or local folder (env NACOSAE_SAE_REPO; default: %(default)s)")
+    ap.add_argument("--results-repo", default=os.environ.get("NACOSAE_RESULTS_REPO", DEFAULTS["results_repo"]),
+                    help="results dataset repo id or local folder (env NACOSAE_RESULTS_REPO; default: %(default)s)")
+    ap.add_argument("--revision", default=os.environ.get("NACOSAE_REVISION"), help="Hub revision of both repos")
+    ap.add_argument("--demo", action="store_true", default=os.environ.get("NACOSAE_DEMO") == "1",
+                    help="serve the bundled demo without trying the repos (env NACOSAE_DEMO=1)")
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
+
+
+def startup_explorer(args) -> tuple[serve.Explorer, str]:
+    """The configured repos, or the bundled demo when they do not load (with a notice saying why)."""
+    if not args.demo:
+        try:
+            ex = serve.open_explorer(serve.Source(args.sae_repo, args.results_repo, args.revision, label="configured repos"))
+            return ex, "\n".join(f"⚠️ {w}" for w in ex.warnings)
+        except serve.ServeError as e:
+            reason = str(e).splitlines()[0]
+            print(f"[app] {reason}; serving the bundled demo", file=sys.stderr)
+            if not Path(DEMO.results_repo).is_dir():
+                raise SystemExit(f"{reason}, and there is no bundled demo in {DEMO.results_repo}: run "
+                                 "hub_scripts/build_demo.py, or pass --sae-repo/--results-repo local folders") from e
+            notice = f"Showing the **bundled demo**: {reason}"
+            return serve.open_explorer(DEMO), notice
+    return serve.open_explorer(DEMO), ""
+
+
+START, NOTICE = startup_explorer(ARGS)
+_READY.set()
+
+
+# ================================================================================================ handler plumbing
+def _explorer(key: str) -> serve.Explorer:
+    sae_repo, results_repo, revision = json.loads(key)
+    return serve.open_explorer(serve.Source(sae_repo, results_repo, revision))
+
+
+def user_errors(fn):
+    """ServeError → gr.Error: the user sees the message, the app keeps serving."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except serve.ServeError as e:
+            raise gr.Error(str(e), duration=None) from e
+    return wrapper
+
+
+def page_outputs(page: serve.FeaturePage):
+    return (page.feature, page.title, page.summary, page.gallery, page.histogram, page.names, page.mils_summary,
+            page.mils_history, page.mils_gallery, page.mils_curve)
+
+
+@user_errors
+def browse(key, sae_id, query, sort, hide_dead, hide_dense):
+    return _explorer(key).browse(sae_id, query, sort, hide_dead, hide_dense)
+
+
+@user_errors
+def open_feature(key, sae_id, feature):
+    if feature is None:
+        raise serve.ServeError("type a feature number")
+    return page_outputs(_explorer(key).feature_page(sae_id, int(feature)))
+
+
+@user_errors
+def select_feature(key, sae_id, table, evt: gr.SelectData):
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    feature = evt.row_value[0] if getattr(evt, "row_value", None) else table.iloc[row]["feature"]
+    return page_outputs(_explorer(key).feature_page(sae_id, int(feature)))
+
+
+@user_errors
+def first_page(key, sae_id, query, sort, hide_dead, hide_dense):
+    """The browser and the page of its first feature (start-up, SAE switch)."""
+    table = browse(key, sae_id, query, sort, hide_dead, hide_dense)
+    feature = int(table.iloc[0]["feature"]) if len(table) else 0
+    out = (table, *page_outputs(_explorer(key).feature_page(sae_id, feature)))
+    _FIRST_SERVED.set()
+    return out
+
+
+@user_errors
+def load_source(sae_repo, results_repo, query, sort, hide_dead, hide_dense):
+    sae_repo, results_repo = (sae_repo or "").strip(), (results_repo or "").strip()
+    if not sae_repo or not results_repo:
+        raise serve.ServeError("give both an SAE repo and a results repo (Hub ids or local folders)")
+    ex = serve.open_explorer(serve.Source(sae_repo, results_repo))
+    for w in ex.warnings:
+        gr.Warning(w)
+    sae_id = ex.sae_ids[0]
+    return (ex.source.key, gr.Dropdown(choices=ex.sae_ids, value=sae_id),
+            f"Loaded **{sae_repo}** + **{results_repo}** ({len(ex.sae_ids)} SAE(s)).",
+            *first_page(ex.source.key, sae_id, query, sort, hide_dead, hide_dense))
+
+
+def _uploaded(image):
+    """The uploaded file's path from Gradio's raw payload (events with uploads run with preprocess=False, so an
+    unreadable file reaches `serve.check_image`, which says what is wrong, instead of failing inside Gradio)."""
+    if isinstance(image, dict):
+        return image.get("path")
+    return getattr(image, "path", image)
+
+
+@spaces.GPU(duration=30)
+def _gpu_what_fires(key, sae_id, image, top):
+    return _explorer(key).what_fires(sae_id, image, int(top))
+
+
+@user_errors
+def what_fires(key, sae_id, image, top):
+    r = _gpu_what_fires(key, sae_id, serve.check_image(_uploaded(image)), top)
+    if not r.features:
+        gr.Warning("no feature fires on this image")
+    return r.gallery, r.table, r.features
+
+
+@user_errors
+def fires_open(key, sae_id, features, evt: gr.SelectData):
+    """Clicking a result of "what fires" opens that feature's page."""
+    page = _explorer(key).feature_page(sae_id, int(features[evt.index]))
+    return (gr.Tabs(selected="features"), *page_outputs(page))
+
+
+@spaces.GPU(duration=30)
+def _gpu_steer(key, sae_id, image, feature, mode, value, labels):
+    return _explorer(key).steer(sae_id, image, feature, mode, value, labels)
+
+
+@user_errors
+def steer(key, sae_id, image, feature, mode, value, labels):
+    if feature is None:
+        raise serve.ServeError("choose a feature number")
+    labels = [s for s in (labels or "").split(",") if s.strip()]
+    r = _gpu_steer(key, sae_id, serve.check_image(_uploaded(image)), int(feature), mode, value, labels)
+    return r.before, r.after, r.changes, r.note
+
+
+@spaces.GPU(duration=120)
+def _gpu_naming_chunk(key, sae_id, state_dict, cfg_dict, budget_s, proposer):
+    """One chunk of the MILS loop; the state goes in and out as a plain dict, so chunks continue across calls."""
+    from nacosae.naming import MILSConfig, MILSState
+
+    ex, cfg = _explorer(key), MILSConfig(**cfg_dict)
+    return ex.naming_step(sae_id, MILSState.from_dict(state_dict), cfg, budget_s, proposer).to_dict()
+
+
+def live_naming(key, sae_id, feature, proposer, iterations, candidates, max_seconds):
+    """Stream the MILS loop for one feature: status, name, tried prompts, renders of the best, best-score curve."""
+    from nacosae.naming import MILSState
+
+    try:
+        if feature is None:
+            raise serve.ServeError("choose a feature number")
+        ex = _explorer(key)
+        cfg = serve.naming_config(iterations, candidates)
+        yield ("loading the proposer and the Open Clip Art image bank (first run: up to a minute)…", "", None, [], None)
+        state = ex.start_naming(sae_id, int(feature), proposer=proposer)
+        t0 = time.perf_counter()
+        while not state.done:
+            if time.perf_counter() - t0 > float(max_seconds):
+                gr.Warning(f"naming stopped after {max_seconds:.0f} s (the time limit) at iteration {state.iteration}; "
+                           "showing the best prompts so far. Raise the limit or lower the iterations.")
+                v = ex.naming_view(state, cfg)
+                yield (v.status + " · **stopped: time limit**", "(not finished)", v.history, v.gallery, v.curve)
+                return
+            state = MILSState.from_dict(_gpu_naming_chunk(key, sae_id, state.to_dict(), dataclasses.asdict(cfg),
+                                                          NAMING_CHUNK_S, proposer))
+            v = ex.naming_view(state, cfg)
+            yield (v.status, f"## {v.name}" if v.name else "", v.history, v.gallery, v.curve)
+    except serve.ServeError as e:
+        raise gr.Error(str(e), duration=None) from e
+
+
+# ================================================================================================ the UI
+HEADER = """# nacosae · SAE feature explorer
+Sparse-autoencoder features of a vision model: browse them, see where they fire, name them with a MILS-style loop,
+and steer the model with them. Names carry their held-out CoSy AUC and the Monosemanticity Score where the results
+have them."""
+
+
+def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
+    sae0 = start.sae_ids[0]
+    with gr.Blocks(title="nacosae · SAE feature explorer") as ui:
+        src = gr.State(start.source.key)
+        fire_features = gr.State([])
+        gr.Markdown(HEADER)
+        note = gr.Markdown(notice, elem_id="notice")
+        with gr.Row():
+            sae_dd = gr.Dropdown(start.sae_ids, value=sae0, label="SAE", scale=2, elem_id="sae")
+            with gr.Accordion("Load other repos (Hub ids or local folders)", open=False):
+                with gr.Row():
+                    sae_repo = gr.Textbox(label="SAE model repo", value=start.source.sae_repo)
+                    results_repo = gr.Textbox(label="results dataset repo", value=start.source.results_repo)
+                load_btn = gr.Button("Load")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Features", id="features"):
+                with gr.Row():
+                    with gr.Column(scale=5):
+                        query = gr.Textbox(label="search names (or #number)", elem_id="query")
+                        with gr.Row():
+                            sort = gr.Radio(list(serve.SORTS), value="score", label="sort by")
+                        with gr.Row():
+                            hide_dead = gr.Checkbox(value=True, label="hide dead")
+                            hide_dense = gr.Checkbox(value=True, label="hide dense")
+                        table = gr.Dataframe(start.browse(sae0, hide_dense=True), interactive=False, max_height=640, wrap=True,
+                                             column_widths=["10%", "34%", "10%", "9%", "9%", "11%", "9%", "8%"], elem_id="browser")
+                    with gr.Column(scale=6):
+                        with gr.Row():
+                            feat_num = gr.Number(label="feature", precision=0, elem_id="feature-number")
+                            open_btn = gr.Button("Open", elem_id="open-feature")
+                        title = gr.Markdown(elem_id="feature-title")
+                        summary = gr.Markdown()
+                        gallery = gr.Gallery(label="top images (heatmap: where the feature fires)", columns=3, height="auto",
+                                             elem_id="top-images")
+                        hist = gr.BarPlot(x="activation", y="images", title="activation histogram (images where it fires)",
+                                          sort=None, height=220, x_label_angle=-45)
+                        names = gr.Dataframe(label="names by method (CoSy on held-out renders)", interactive=False)
+                        with gr.Accordion("MILS prompt history", open=False):
+                            mils_md = gr.Markdown()
+                            mils_curve = gr.LinePlot(x="iteration", y="best score", color="method", height=180)
+                            mils_gallery = gr.Gallery(label="renders of the best prompts", columns=4, height="auto")
+                            mils_table = gr.Dataframe(interactive=False, max_height=300)
+            with gr.Tab("What fires on my image", id="fires"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        fire_img = gr.Image(type="filepath", label="your image", elem_id="fires-image")
+                        fire_top = gr.Slider(1, 24, value=8, step=1, label="features to show")
+                        fire_btn = gr.Button("What fires?", variant="primary", elem_id="fires-run")
+                    with gr.Column(scale=2):
+                        fire_gallery = gr.Gallery(label="most active features (relative to their max); click to open",
+                                                  columns=4, height="auto", elem_id="fires-gallery")
+                        fire_table = gr.Dataframe(interactive=False)
+            with gr.Tab("Live naming", id="naming"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        name_feat = gr.Number(label="feature", precision=0, elem_id="naming-feature")
+                        proposer = gr.Dropdown(list(serve.PROPOSERS), value="vocabulary", label="proposer")
+                        iterations = gr.Slider(1, 10, value=3, step=1, label="iterations (T)", elem_id="naming-iterations")
+                        candidates = gr.Slider(2, 20, value=8, step=1, label="new prompts per iteration (n)",
+                                               elem_id="naming-candidates")
+                        max_seconds = gr.Slider(10, 900, value=300, step=10, label="time limit (s)")
+                        with gr.Row():
+                            name_btn = gr.Button("Name it", variant="primary", elem_id="naming-run")
+                            stop_btn = gr.Button("Stop")
+                    with gr.Column(scale=2):
+                        name_status = gr.Markdown(elem_id="naming-status")
+                        name_out = gr.Markdown(elem_id="naming-name")
+                        name_gallery = gr.Gallery(label="renders of the best prompts", columns=4, height="auto")
+                        name_curve = gr.LinePlot(x="iteration", y="best score", height=180)
+                        name_table = gr.Dataframe(label="every prompt tried", interactive=False, max_height=300)
+            with gr.Tab("Steering", id="steer"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        steer_img = gr.Image(type="filepath", label="your image", elem_id="steer-image")
+                        steer_feat = gr.Number(label="feature", precision=0)
+                        steer_mode = gr.Radio(list(serve.STEER_MODES), value="clamp", label="intervention")
+                        steer_value = gr.Number(value=5.0, label="value (clamp: activation; add: strength)")
+                        steer_labels = gr.Textbox(label="labels for zero-shot scores (CLIP backbones only), comma-separated")
+                        steer_btn = gr.Button("Run", variant="primary")
+                    with gr.Column(scale=2):
+                        steer_note = gr.Markdown()
+                        with gr.Row():
+                            steer_before = gr.Label(label="before", num_top_classes=5)
+                            steer_after = gr.Label(label="after", num_top_classes=5)
+                        steer_changes = gr.Dataframe(label="largest changes", interactive=False)
+
+        page = [feat_num, title, summary, gallery, hist, names, mils_md, mils_table, mils_gallery, mils_curve]
+        filters = [query, sort, hide_dead, hide_dense]
+        for comp in (query, sort, hide_dead, hide_dense):
+            comp.change(browse, [src, sae_dd, *filters], table, api_name=False, trigger_mode="always_last",
+                        show_progress="hidden")
+        query.submit(browse, [src, sae_dd, *filters], table, api_name="browse")
+        table.select(select_feature, [src, sae_dd, table], page, api_name=False)
+        open_btn.click(open_feature, [src, sae_dd, feat_num], page, api_name="feature")
+        feat_num.submit(open_feature, [src, sae_dd, feat_num], page, api_name=False)
+        sae_dd.change(first_page, [src, sae_dd, *filters], [table, *page], api_name="switch_sae")
+        load_btn.click(load_source, [sae_repo, results_repo, *filters], [src, sae_dd, note, table, *page], api_name="load_source")
+        ui.load(first_page, [src, sae_dd, *filters], [table, *page], api_name=False)
+        fire_btn.click(what_fires, [src, sae_dd, fire_img, fire_top], [fire_gallery, fire_table, fire_features],
+                       api_name="what_fires", preprocess=False)
+        fire_gallery.select(fires_open, [src, sae_dd, fire_features], [tabs, *page], api_name=False)
+        run = name_btn.click(live_naming, [src, sae_dd, name_feat, proposer, iterations, candidates, max_seconds],
+                             [name_status, name_out, name_table, name_gallery, name_curve], api_name="name_feature")
+        stop_btn.click(None, None, None, cancels=[run], api_name=False)
+        feat_num.change(lambda f: (f, f), feat_num, [name_feat, steer_feat], api_name=False, show_progress="hidden")
+        steer_btn.click(steer, [src, sae_dd, steer_img, steer_feat, steer_mode, steer_value, steer_labels],
+                        [steer_before, steer_after, steer_changes, steer_note], api_name="steer", preprocess=False)
+    return ui
+
+
+demo = build_ui(START, NOTICE)
+
+
+if __name__ == "__main__":
+    demo.queue(default_concurrency_limit=4).launch(server_name=ARGS.host, server_port=ARGS.port)

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Assemble the Hugging Face Space repo (and optionally upload it as one commit).
+
+    python space_config/deploy.py --out runs/space                          # assemble and check only
+    python space_config/deploy.py --out runs/space --repo-id you/nacosae-explorer
+
+The Space gets: README.md (front matter from README.md.tmpl: sdk gradio, the installed gradio version pinned,
+python_version, app_file, models and datasets links), requirements.txt and packages.txt from this folder, app.py,
+the nacosae package source, space_config/defaults.json (the repo ids the app loads; overridable in the Space
+settings with NACOSAE_SAE_REPO / NACOSAE_RESULTS_REPO) and the bundled demo. Before anything uploads the assembled
+folder is checked: front matter keys, every file present, and the demo loads with the app's own serving code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+REQUIRED_META = ("sdk", "sdk_version", "app_file", "python_version", "models", "datasets")
+
+
+def assemble(out: Path, sae_repo: str, results_repo: str) -> Path:
+    import gradio
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    py = ".".join(platform.python_version_tuple()[:2])
+    readme = (HERE / "README.md.tmpl").read_text(encoding="utf-8").format(
+        gradio_version=gradio.__version__, python_version=py, sae_repo=sae_repo, results_repo=results_repo)
+    (out / "README.md").write_text(readme, encoding="utf-8")
+    for name in ("requirements.txt", "packages.txt"):
+        shutil.copyfile(HERE / name, out / name)
+    shutil.copyfile(REPO / "app.py", out / "app.py")
+    shutil.copytree(REPO / "nacosae", out / "nacosae", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    defaults = json.loads((HERE / "defaults.json").read_text())
+    defaults.update(sae_repo=sae_repo, results_repo=results_repo)
+    (out / "space_config").mkdir()
+    (out / "space_config" / "defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    demo = REPO / defaults.get("demo_dir", "demo")
+    if not (demo / "results").is_dir():
+        sys.exit(f"no bundled demo in {demo}: run hub_scripts/build_demo.py first")
+    shutil.copytree(demo, out / defaults.get("demo_dir", "demo"))
+    return out
+
+
+def check(out: Path) -> None:
+    """What the Space needs to start: front matter, files, and a demo the serving code opens."""
+    from nacosae.publish import split_front_matter
+    from nacosae.serve import Source, open_explorer
+
+    meta, _ = split_front_matter((out / "README.md").read_text(encoding="utf-8"))
+    missing = [k for k in REQUIRED_META if not meta.get(k)]
+    if missing or meta.get("sdk") != "gradio" or meta.get("app_file") != "app.py":
+        sys.exit(f"README.md front matter: missing {missing} or wrong sdk/app_file ({meta.get('sdk')}, {meta.get('app_file')})")
+    for rel in ("app.py", "requirements.txt", "packages.txt", "nacosae/serve.py", "space_config/defaults.json"):
+        if not (out / rel).is_file():
+            sys.exit(f"the assembled Space lacks {rel}")
+    demo = out / json.loads((out / "space_config" / "defaults.json").read_text()).get("demo_dir", "demo")
+    ex = open_explorer(Source(str(demo / "sae"), str(demo / "results")))
+    ex.feature_page(ex.sae_ids[0], int(ex.browse(ex.sae_ids[0]).iloc[0]["feature"]))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"Space assembled in {out}: {size / 1e6:.1f} MB, demo SAEs {ex.sae_ids}")
+
+
+def main(argv=None):
+    defaults = json.loads((HERE / "defaults.json").read_text())
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/space", help="where to assemble the Space repo (default: %(default)s)")
+    ap.add_argument("--sae-repo", default=defaults["sae_repo"], help="SAE model repo the Space loads (default: %(default)s)")
+    ap.add_argument("--results-repo", default=defaults["results_repo"], help="results dataset repo (default: %(default)s)")
+    ap.add_argument("--repo-id", default=None, help=f"upload to this Space (e.g. {defaults['space_repo']}); default: assemble only")
+    ap.add_argument("--hardware", default=None, help="Space hardware when creating it, e.g. zero-a10g (default: the Hub's)")
+    args = ap.parse_args(argv)
+
+    out = assemble(Path(args.out), args.sae_repo, args.results_repo)
+    check(out)
+    if args.repo_id:
+        from huggingface_hub import HfApi
+
+        api = HfApi()  # token: HF_TOKEN or the login cache; never written anywhere
+        api.create_repo(args.repo_id, repo_type="space", space_sdk="gradio", exist_ok=True, space_hardware=args.hardware)
+        info = api.upload_folder(repo_id=args.repo_id, repo_type="space", folder_path=str(out),
+                                 commit_message="Deploy the nacosae feature explorer", delete_patterns=["nacosae/**", "demo/**"])
+        print(f"deployed: https://huggingface.co/spaces/{args.repo_id} ({info.oid})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The app's serving layer as plain functions, on real parts: EfficientNet-Lite0 with a small random-weight SAE on
+blocks.14 (its statistics from the 19 scikit-image photos), a tiny open_clip CLIP for the zero-shot path, and the
+offline naming loop on a small Open Clip Art bank. Bad input raises ServeError with a message for the user."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nacosae import serve
+from nacosae.backbones import load_backbone
+from nacosae.features import FeatureStatsConfig, compute_feature_stats
+from nacosae.images import SkimageSource
+from nacosae.publish import load_sae_entry, publish_results, publish_saes, tables_from_stats
+from nacosae.sae import SAE, SAEConfig
+from nacosae.serve import ServeError, Source
+
+OPENCLIPART = Path("/usr/share/openclipart/png")
+
+
+def build_source(root: Path, bb, layer: str, tokens: str, images, records, d_sae: int, k: int, grid, seed: int = 0,
+                 sae_cfg_edit=None) -> Source:
+    """Train nothing: a random SAE scaled to the layer, its stats over `images`, both repos in --local-dir layout."""
+    torch.manual_seed(seed)
+    acts_NTD = bb.activations(bb.preprocess_batch(images), layer, tokens)
+    sae = SAE(SAEConfig(d_in=acts_NTD.shape[-1], d_sae=d_sae, k=k, provenance=bb.provenance(layer, tokens)))
+    sae.init_from_data(acts_NTD.reshape(-1, acts_NTD.shape[-1]))
+    sae.save_pretrained(root / "trained")
+    stats = compute_feature_stats(sae, [(torch.arange(len(images)), acts_NTD)], FeatureStatsConfig(top_n=4), progress=False)
+    entry = load_sae_entry(root / "trained", metrics={"val_fvu": 0.5, "val_explained_variance": 0.5, "val_l0": k,
+                                                      "val_dead_fraction": 0.0})
+    tables = tables_from_stats(stats, records, entry.config, entry.metrics, entry.sae_id, grid, max_px=64,
+                               load_image=lambda rec: images[rec["image_idx"]], progress=False)
+    publish_saes([entry], "test/saes", local_dir=root / "sae")
+    publish_results(tables, "test/results", local_dir=root / "results")
+    return Source(str(root / "sae"), str(root / "results")), sae, stats
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """As the app runs: on a busy 2-core machine two OpenMP threads make each backbone pass ~10× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    src = SkimageSource()
+    recs = src.records()
+    images = [src.load(r) for r in recs]
+    records = [{"image_idx": i, "image_id": r.image_id, "path": None, "source": "skimage", "label": r.label,
+                "description": r.description} for i, r in enumerate(recs)]
+    return images, records
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    return load_backbone("efficientnet-lite0")
+
+
+@pytest.fixture(scope="module")
+def eff(tmp_path_factory, effnet, photos):
+    images, records = photos
+    source, sae, stats = build_source(tmp_path_factory.mktemp("eff"), effnet, "blocks.14", "spatial", images, records,
+                                      d_sae=48, k=6, grid=(7, 7))
+    ex = serve.open_explorer(source)
+    return ex, ex.sae_ids[0], sae, stats
+
+
+def test_browse_search_sort_filter(eff):
+    ex, sid, _, stats = eff
+    assert sid == "efficientnet-lite0/blocks.14" and ex.warnings == []
+    full = ex.browse(sid, hide_dead=False, sort="feature")
+    assert full["feature"].tolist() == list(range(48))
+    by_freq = ex.browse(sid, sort="frequency", hide_dead=False)
+    freqs = [float(stats.image_frequency_S[j]) for j in by_freq["feature"]]
+    assert freqs == sorted(freqs, reverse=True)
+    alive = ex.browse(sid, hide_dead=True)
+    assert set(alive["feature"]) == {j for j in range(48) if not stats.dead_S[j]}
+    not_dense = ex.browse(sid, hide_dead=True, hide_dense=True)
+    assert not any(stats.dense_S[j] for j in not_dense["feature"])
+    assert ex.browse(sid, "#7", hide_dead=False)["feature"].tolist() == [7]
+    label = ex.frame(sid).loc[int(alive["feature"].iloc[0]), "name_top_label"]
+    hits = ex.browse(sid, label, hide_dead=False)
+    assert len(hits) and all(label in n for n in hits["name"])
+    assert len(ex.browse(sid, "no-such-name-anywhere")) == 0
+    with pytest.raises(ServeError, match="sort must be one of"):
+        ex.browse(sid, sort="best")
+    with pytest.raises(ServeError, match="unknown SAE"):
+        ex.browse("other/sae")
+
+
+def test_feature_page_matches_the_stats(eff):
+    ex, sid, _, stats = eff
+    j = int(ex.browse(sid, sort="frequency")["feature"].iloc[-1])
+    page = ex.feature_page(sid, j)
+    assert f"#{j}" in page.title and page.feature == j
+    top = stats.top_images(j)[:4]
+    assert len(page.gallery) == len(top)
+    assert [float(c.split(" · ")[0]) for _, c in page.gallery] == pytest.approx([round(v, 2) for _, v in top], abs=0.006)
+    assert all(im.size[0] == im.size[1] for im, _ in page.gallery)  # heatmaps drawn over the padded square
+    assert page.histogram["images"].sum() == int(stats.image_fire_count_S[j])
+    assert page.names["method"].tolist() == ["top_label"] and page.mils_history.empty
+    assert ex.feature_page(sid, j) is page  # cached: switching back costs nothing
+    dead = [d for d in range(48) if stats.dead_S[d]]
+    if dead:
+        dp = ex.feature_page(sid, dead[0])
+        assert dp.gallery == [] and "dead" in dp.summary and dp.histogram.empty
+    with pytest.raises(ServeError, match="has no feature 48"):
+        ex.feature_page(sid, 48)
+    with pytest.raises(ServeError, match="whole number"):
+        ex.row(sid, "seven")
+
+
+def test_what_fires_is_the_direct_computation(eff, effnet, photos):
+    ex, sid, sae, stats = eff
+    images, _ = photos
+    res = ex.what_fires(sid, images[2], top=5)  # the cat, a probe image: nothing exceeds its probe-set max
+    with torch.no_grad():
+        codes_TS = sae.encode(effnet.activations(effnet.preprocess_batch([images[2]]), "blocks.14", "spatial"))[0]
+    act_S = codes_TS.amax(0)
+    rel_S = torch.where(stats.act_max_S > 0, act_S / stats.act_max_S.clamp(min=1e-12), torch.zeros_like(act_S))
+    expected = rel_S.argsort(descending=True)[:5].tolist()
+    assert res.features == [j for j in expected if act_S[j] > 0]
+    assert res.table["activation"].tolist() == pytest.approx([round(float(act_S[j]), 3) for j in res.features], abs=1e-3)
+    assert (res.table["relative"] <= 1.0 + 1e-3).all()
+    assert len(res.gallery) == len(res.features) and res.gallery[0][0].size[0] == res.gallery[0][0].size[1]
+    with pytest.raises(ServeError, match="upload an image first"):
+        ex.what_fires(sid, None)
+    with pytest.raises(ServeError, match="top must be"):
+        ex.what_fires(sid, images[0], top=0)
+
+
+def test_steer_interventions(eff, effnet, photos):
+    ex, sid, sae, _ = eff
+    image = photos[0][2]
+    with torch.no_grad():
+        codes_TS = sae.encode(effnet.activations(effnet.preprocess_batch([image]), "blocks.14", "spatial"))[0]
+    silent = int((codes_TS.amax(0) == 0).nonzero()[0])
+    firing = int(codes_TS.amax(0).argmax())
+    # ablating a feature that is silent on the image, or adding 0, changes nothing: the SAE error is added back
+    for mode, j, v in (("ablate", silent, 0.0), ("add", firing, 0.0)):
+        r = ex.steer(sid, image, j, mode, v)
+        assert r.changes["change"].abs().max() < 1e-4, (mode, r.changes)
+        assert list(r.before) == list(r.after)[: len(r.before)] or r.before.keys() == r.after.keys()
+    # clamping to a large value at every token: METHODS §5, decode(f with f_j := v) + (h − x̂)
+    r = ex.steer(sid, image, firing, "clamp", 50.0)
+    pixels = effnet.preprocess_batch([image])
+
+    def edit(h):
+        codes = sae.encode(h)
+        err = h - sae.decode(codes)
+        codes[..., firing] = 50.0
+        return sae.decode(codes) + err
+
+    with torch.no_grad():
+        p1 = torch.softmax(effnet.forward_with_edit(pixels, "blocks.14", edit)[0], -1)
+    names = effnet.class_names
+    for label, p in r.after.items():
+        assert p == pytest.approx(float(p1[names.index(label)]), abs=1e-5)
+    assert r.changes["change"].abs().max() > 1e-3 and f"#{firing}" in r.note
+    with pytest.raises(ServeError, match="mode must be"):
+        ex.steer(sid, image, firing, "boost", 1.0)
+    with pytest.raises(ServeError, match="number"):
+        ex.steer(sid, image, firing, "clamp", "lots")
+
+
+def test_zero_shot_steering_on_a_tiny_clip(tmp_path, photos):
+    folder = tmp_path / "oc_tiny"
+    folder.mkdir()
+    cfg = {"model_cfg": {"embed_dim": 32, "quick_gelu": True,
+                         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+                         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
+           "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    bb = load_backbone(f"open_clip:local-dir:{folder}")
+    images, records = photos
+    # the app rebuilds the backbone from the provenance: random init must come out the same, so share the instance
+    serve._BACKBONES[json.dumps([bb.name, bb.weights, "cpu"])] = bb
+    source, sae, _ = build_source(tmp_path, bb, "resblocks.1", "patches", images, records, d_sae=32, k=4, grid=(4, 4))
+    ex = serve.open_explorer(source)
+    sid = ex.sae_ids[0]
+    labels = ["a cat", "a rocket", "coins"]
+    with torch.no_grad():
+        codes_TS = sae.encode(bb.activations(bb.preprocess_batch([images[2]]), "resblocks.1", "patches"))[0]
+    silent = int((codes_TS.amax(0) == 0).nonzero()[0])
+    r = ex.steer(sid, images[2], silent, "ablate", 0, labels=labels)
+    assert set(r.before) == set(labels) and sum(r.before.values()) == pytest.approx(1.0, abs=1e-5)
+    assert r.changes["change"].abs().max() < 1e-4  # only the patch tokens go through the SAE; CLS is untouched
+    r = ex.steer(sid, images[2], int(codes_TS.amax(0).argmax()), "add", 30.0, labels=labels)
+    assert "zero-shot over 3 labels" in r.note
+    with pytest.raises(ServeError, match="at least two comma-separated labels"):
+        ex.steer(sid, images[2], silent, "ablate", 0, labels=["cat"])
+    fires = ex.what_fires(sid, images[2], top=3)
+    assert len(fires.gallery) == len(fires.features) > 0
+
+
+# ------------------------------------------------------------------------------------------------ bad sources
+def _copy_source(eff_ex, root: Path) -> tuple[Path, Path, str]:
+    sae_dir, res_dir = root / "sae", root / "results"
+    shutil.copytree(eff_ex.source.sae_repo, sae_dir)
+    shutil.copytree(eff_ex.source.results_repo, res_dir)
+    return sae_dir, res_dir, eff_ex.sae_ids[0]
+
+
+def test_bad_sources_give_clear_errors(eff, tmp_path, monkeypatch):
+    ex, *_ = eff
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ServeError, match="cannot load the results dataset 'nobody/no-such-results'"):
+        serve.Explorer(Source("nobody/no-such-saes", "nobody/no-such-results"))
+    with pytest.raises(ServeError, match="no folder|not look like"):
+        serve.Explorer(Source(str(tmp_path / "missing"), "./no/such/folder"))
+
+    # a results dataset whose SAE is missing from the SAE repo (wrong subfolder)
+    sae_dir, res_dir, sid = _copy_source(ex, tmp_path / "a")
+    shutil.rmtree(sae_dir / sid)
+    with pytest.raises(ServeError, match=r"no usable SAE[\s\S]*no subfolder efficientnet-lite0/blocks.14"):
+        serve.Explorer(Source(str(sae_dir), str(res_dir)))
+
+    # an SAE whose config disagrees with its results (other backbone, other width)
+    sae_dir, res_dir, sid = _copy_source(ex, tmp_path / "b")
+    cfg = json.loads((sae_dir / sid / "config.json").read_text())
+    cfg["provenance"]["backbone"] = "open_clip:ViT-B-16"
+    cfg["d_in"] = 100
+    (sae_dir / sid / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ServeError, match=r"does not match its results .*backbone.*d_in: SAE has 100"):
+        serve.Explorer(Source(str(sae_dir), str(res_dir)))
+
+
+def test_sae_that_does_not_fit_the_layer(tmp_path, effnet, photos):
+    """Config and results agree, but the SAE reads 100-d activations and blocks.14 gives 192: refused on load."""
+    images, records = photos
+    root = tmp_path
+    sae = SAE(SAEConfig(d_in=100, d_sae=8, k=2, provenance={**effnet.provenance("blocks.14", "spatial"), "d": 100}))
+    sae.save_pretrained(root / "trained")
+    entry = load_sae_entry(root / "trained")
+    from nacosae.features import FeatureStatsAccumulator
+
+    acc = FeatureStatsAccumulator(8, 49, FeatureStatsConfig(top_n=2))  # results of 8 silent features
+    acc.update(torch.arange(2), torch.zeros(2, 49, 8))
+    tables = tables_from_stats(acc.result(), records[:2], entry.config, {}, entry.sae_id, (7, 7), progress=False)
+    publish_saes([entry], "t/s", local_dir=root / "sae")
+    publish_results(tables, "t/r", local_dir=root / "results")
+    ex = serve.Explorer(Source(str(root / "sae"), str(root / "results")))
+    with pytest.raises(ServeError, match="reads d_in=100 activations but the layer gives 192"):
+        ex.what_fires(ex.sae_ids[0], images[0])
+
+
+def test_unknown_backbone_is_refused():
+    with pytest.raises(ServeError, match="cannot rebuild"):
+        serve.backbone_for({"backbone": "my-private-cnn", "layer": "x"})
+
+
+def test_bad_uploads(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    with pytest.raises(ServeError, match="this image cannot be used: .*not an image"):
+        serve.check_image(str(text))
+    with pytest.raises(ServeError, match="upload an image first"):
+        serve.check_image(None)
+    with pytest.raises(ServeError, match="expected an image"):
+        serve.check_image(42)
+    im = serve.check_image(np.zeros((20, 30, 4), dtype=np.uint8))  # RGBA array: composited to RGB
+    assert im.mode == "RGB" and im.size == (30, 20)
+
+
+# ------------------------------------------------------------------------------------------------ live naming
+@pytest.fixture
+def small_bank(tmp_path):
+    if not OPENCLIPART.is_dir():
+        pytest.skip("Debian openclipart-png not installed")
+    from nacosae.naming import DescribedImageBank, RetrievalGenerator
+
+    paths = []
+    for cat in ("animals", "food", "transportation", "signs_and_symbols", "people", "computer"):
+        files = sorted(f for f in (OPENCLIPART / cat).rglob("*.png") if f.stat().st_size < 60_000)
+        paths += files[:: max(1, len(files) // 12)][:12]
+    serve.use_naming_generator(RetrievalGenerator(DescribedImageBank.from_openclipart(paths=paths, cache_dir=tmp_path)))
+    yield
+    serve._NAMING.pop("generator", None)  # other tests get the default bank again
+
+
+def test_live_naming_streams_one_step_per_call(eff, small_bank):
+    ex, sid, _, stats = eff
+    cfg = serve.naming_config(iterations=2, candidates=4, best=4, images=2)
+    j = int(ex.browse(sid, sort="frequency")["feature"].iloc[-1])
+    state = ex.start_naming(sid, j)
+    assert state.feature == j and len(state.seeds) >= 4 and not state.done
+    views = []
+    while not state.done:
+        state = ex.naming_step(sid, state, cfg, budget_s=0)
+        views.append(ex.naming_view(state, cfg))
+    assert len(views) == cfg.n_iterations + 2  # seed, 2 proposal rounds, summarise: one step per call
+    last = views[-1]
+    assert last.done and last.name and "done" in last.status and state.name == last.name
+    assert len(last.history) == len(state.candidates) and last.history["score"].is_monotonic_decreasing
+    assert 0 < len(last.gallery) <= 8 and len(last.curve) >= 3
+    dead = [d for d in range(48) if stats.dead_S[d]]
+    if dead:
+        with pytest.raises(ServeError, match="never fired"):
+            ex.start_naming(sid, dead[0])
+    with pytest.raises(ServeError, match="bad naming settings"):
+        serve.naming_config(iterations=0)
+
+
+def test_app_handlers_turn_errors_into_messages(small_bank, monkeypatch, tmp_path):
+    """app.py's handlers as plain functions: bad input becomes gr.Error, a naming run past its time limit stops with
+    the best so far, and the app keeps its source."""
+    import gradio as gr
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import app
+
+    key, sid = app.START.source.key, app.START.sae_ids[0]
+    with pytest.raises(gr.Error, match="upload an image first"):
+        app.what_fires(key, sid, None, 8)
+    with pytest.raises(gr.Error, match="cannot load the results dataset"):
+        app.load_source("nobody/no-such-saes", "nobody/no-such-results", "", "score", True, True)
+    with pytest.raises(gr.Error, match="choose a feature"):
+        app.steer(key, sid, Image.new("RGB", (32, 32)), None, "clamp", 1.0, "")
+    table = app.browse(key, sid, "", "score", True, True)
+    feature = int(table["feature"].iloc[0])
+    out = app.open_feature(key, sid, feature)
+    assert out[0] == feature and f"#{feature}" in out[1]
+    # uploads arrive as Gradio's raw file payload (preprocess=False), so unreadable files get serve's message
+    photo = tmp_path / "cat.png"
+    SkimageSource().load(SkimageSource().records()[2]).save(photo)
+    gallery, fires_table, feats = app.what_fires(key, sid, {"path": str(photo), "meta": {"_type": "gradio.FileData"}}, 4)
+    assert len(gallery) == len(feats) == len(fires_table) > 0
+    before, after, changes, note = app.steer(key, sid, {"path": str(photo)}, feats[0], "ablate", 0, "")
+    assert len(before) == 5 and sum(before.values()) <= 1 and f"#{feats[0]}" in note
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    with pytest.raises(gr.Error, match="this image cannot be used"):
+        app.what_fires(key, sid, {"path": str(bad)}, 4)
+    outs = list(app.live_naming(key, sid, feature, "vocabulary", 3, 4, 0))  # a 0 s limit: stops before any step
+    assert "time limit" in outs[-1][0] and outs[-1][1] == "(not finished)"
+    with pytest.raises(gr.Error, match="never fired|has no feature"):
+        list(app.live_naming(key, sid, 10**6, "vocabulary", 1, 2, 60))
