@@ -125,7 +125,9 @@ def user_errors(fn):
 
 
 def page_outputs(page: serve.FeaturePage):
-    return (page.feature, page.title, page.summary, page.gallery, page.histogram, page.names, page.mils_summary,
+    # bins in their numeric order: the plot would otherwise sort the interval labels as text ("1–1.25" after "1.75–2")
+    histogram = gr.BarPlot(value=page.histogram, sort=list(page.histogram["activation"]))
+    return (page.feature, page.title, page.summary, page.gallery, histogram, page.names, page.mils_summary,
             page.mils_history, page.mils_gallery, page.mils_curve)
 
 
