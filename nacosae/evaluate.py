@@ -1,0 +1,1212 @@
+"""Evaluation runs: name SAE features with every method, then score each name on images the naming never saw
+(METHODS §3-4), and compare the methods.
+
+    run = NamingRun(NamingRunConfig(sae=..., stats=..., store=...), work_dir="runs/naming/blocks.14")
+    run.name_features("mils", rank, world_size)     # work/names/mils/rank{r}.json, MILS state saved after each step
+    run.evaluate(rank, world_size)                  # work/eval/rank{r}.json: CoSy per feature per method
+    run.monosemanticity()                           # work/ms.json: MS of SAE features and of the layer's raw channels
+    features, images, runs, summary = assemble_results(run)     # rows for nacosae.results.write_results
+
+Every stage shards the selected features over ranks (rank r takes features r::world), writes its own shard file
+atomically after each feature, and skips features any shard has finished, so a killed run resumes, and 1 or N
+processes give the same merged result.
+
+Honest evaluation (the naming loop must not see the evaluation images):
+- The offline generator is retrieval from a described image bank (Open Clip Art). The bank is split by image, seeded,
+  into a *search* half (the only images the MILS loop can retrieve) and an *eval* half (the only images CoSy renders
+  come from); on top of that the eval renders use `MILSConfig.eval_seeds` (ranks the loop never used), as a
+  diffusion generator would use unseen seeds (METHODS §3.1, last line).
+- The control set is fixed for all features and methods: a seeded sample of probe images outside the eval half.
+- Image-level activation = the feature statistics' aggregation (max over the 7×7 tokens for EfficientNet maps).
+- A name is published only if its held-out CoSy AUC clears `threshold`; otherwise the feature is `unnamed`.
+
+Speed: every probe image's image-level activations (all SAE features, and the raw channels) are read once from the
+activation store into an `ImageActivationTable`; the bank images are probe images, so the MILS scorer and CoSy look
+them up instead of re-running the backbone (the same backbone, layer and preprocessing wrote the store; it holds
+float16). Images the store lacks go through the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from nacosae import __version__
+from nacosae.images import ImageRecord, SkimageSource, cache_dir, load_rgb, pad_to_square
+from nacosae.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from nacosae.metrics import cosy_scores, monosemanticity_score
+from nacosae.naming.generators import DescribedImageBank, Render, RetrievalGenerator
+from nacosae.naming.vocab import OPENCLIPART_DIR, normalise
+
+SCHEMA_VERSION = 1
+REF_KEY = "nacosae_ref"
+"""`PIL.Image.info` key under which bank images carry their ref (path), so a scorer can look their activations up."""
+METHODS = ("mils", "mils_gemma", "top_label", "random", "vocab")
+MILS_METHODS = ("mils", "mils_gemma")
+PUBLISHABLE = ("mils", "mils_gemma", "top_label", "vocab")
+"""Methods whose name may be published (`random` is the floor, never a name)."""
+UNNAMED = "unnamed"
+MUTABLE_SETTINGS = ("gemma_features", "threshold")
+"""Settings a resumed run may change: they decide which features Gemma names and which names are published, never a
+finished name or score."""
+
+
+# ================================================================================================ configuration
+@dataclass(frozen=True)
+class NamingRunConfig:
+    sae: str
+    """SAE folder (config.json + model.safetensors)."""
+    stats: str
+    """FeatureStats folder of that SAE over the probe set (nacosae.features)."""
+    store: str
+    """The activation store the stats were computed from (the probe images' activations at the SAE's layer)."""
+    sae_id: str = ""
+    """Id of the SAE in the results dataset; '' = '<backbone>/<layer>' from the SAE's provenance."""
+    n_features: int = 64
+    """Features to name: a seeded sample of the features that are neither dead nor dense and fire on ≥ min_fires images."""
+    feature_seed: int = 0
+    """Seed of that sample."""
+    min_fires: int = 16
+    """Only features firing on at least this many probe images are sampled (a full top-16 gallery to learn from)."""
+    gemma_features: int = 16
+    """mils_gemma names only the first this many selected features (Gemma-3-270M is slow on CPU)."""
+    bank_source: str = "store"
+    """The retrieval bank: 'store' = the probe set's Open Clip Art images (all in the activation table), or 'openclipart'
+    = the whole cleaned Open Clip Art listing (the same images when the probe set is all of Open Clip Art)."""
+    bank_max_images: int | None = None
+    """A seeded subset of this many bank images (tests, development); None: all."""
+    bank_eval_fraction: float = 0.5
+    """Share of the bank (split by image, seeded) held out for evaluation renders; the loop searches the rest."""
+    bank_seed: int = 0
+    """Seed of the bank split (and of the bank subset)."""
+    n_iterations: int = 8
+    """T of the `mils` loop (METHODS §3.1)."""
+    n_candidates: int = 16
+    """n: new prompts per iteration (`mils`)."""
+    n_best: int = 8
+    """m: best prompts kept and shown to the proposer."""
+    n_images: int = 3
+    """G: renders per prompt in the loop; eval renders use the seeds after these (`MILSConfig.eval_seeds`)."""
+    n_seed_prompts: int = 24
+    """Seed prompts: the top-image hints, then vocabulary words."""
+    n_hints: int = 6
+    """Hints from the top probe images: their majority label, then their descriptions."""
+    gemma_iterations: int = 4
+    """T of the `mils_gemma` loop."""
+    gemma_candidates: int = 8
+    """n of the `mils_gemma` loop."""
+    render_template: str = "{}"
+    """How a prompt (and a name, for CoSy) is sent to the generator."""
+    mils_seed: int = 0
+    """Base seed of proposals and seed-prompt samples."""
+    n_eval_renders: int = 16
+    """Held-out renders per name for CoSy (METHODS §4.1; the paper: 50 SDXL images)."""
+    n_control: int = 500
+    """Control images for CoSy: a seeded sample of probe images outside the eval half of the bank."""
+    control_seed: int = 0
+    """Seed of that sample."""
+    threshold: float = 0.6
+    """A name is published only if its held-out CoSy AUC is ≥ this (else the feature is 'unnamed')."""
+    ms_images: int = 1000
+    """Probe images (a seeded sample of the file-backed ones) for the Monosemanticity Score (METHODS §4.2)."""
+    ms_seed: int = 0
+    """Seed of that sample."""
+    ms_layer: str = "pooled"
+    """Layer of the SAE's own backbone embedding the MS images (no independent encoder ships offline: a caveat)."""
+
+    def __post_init__(self):
+        for name in ("n_features", "min_fires", "n_iterations", "n_candidates", "n_best", "n_images", "n_seed_prompts",
+                     "gemma_iterations", "gemma_candidates", "n_eval_renders", "ms_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.n_hints < 0 or self.gemma_features < 0:
+            raise ValueError(f"n_hints and gemma_features must be ≥ 0, got {self.n_hints}, {self.gemma_features}")
+        if self.n_control < 2:
+            raise ValueError(f"n_control must be ≥ 2 (CoSy's MAD needs a std), got {self.n_control}")
+        if not 0 < self.bank_eval_fraction < 1:
+            raise ValueError(f"bank_eval_fraction must be in (0, 1), got {self.bank_eval_fraction}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold is a ROC-AUC and must be in [0, 1], got {self.threshold}")
+        if self.bank_source not in ("store", "openclipart"):
+            raise ValueError(f"bank_source must be 'store' or 'openclipart', got {self.bank_source!r}")
+        if self.bank_max_images is not None and self.bank_max_images < 4:
+            raise ValueError(f"bank_max_images must be ≥ 4 or None, got {self.bank_max_images}")
+        if self.render_template.count("{}") != 1:
+            raise ValueError(f"render_template must contain '{{}}' exactly once, got {self.render_template!r}")
+
+    def mils_config(self, method: str):
+        """The MILSConfig of a MILS method (both share G, so both use the same eval seeds)."""
+        from nacosae.naming.mils import MILSConfig
+
+        if method == "mils":
+            T, n = self.n_iterations, self.n_candidates
+        elif method == "mils_gemma":
+            T, n = self.gemma_iterations, self.gemma_candidates
+        else:
+            raise ValueError(f"{method!r} is not a MILS method {MILS_METHODS}")
+        return MILSConfig(n_iterations=T, n_candidates=n, n_best=self.n_best, n_images=self.n_images,
+                          render_template=self.render_template, seed=self.mils_seed)
+
+    @property
+    def eval_seeds(self) -> tuple[int, ...]:
+        return self.mils_config("mils").eval_seeds(self.n_eval_renders)
+
+    def resolved(self) -> NamingRunConfig:
+        """Paths made absolute, so a resumed run started from another folder is recognised as the same run."""
+        return dataclasses.replace(self, sae=str(Path(self.sae).resolve()), stats=str(Path(self.stats).resolve()),
+                                   store=str(Path(self.store).resolve()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (for --help), read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def add_config_arguments(parser, cls=None) -> None:
+    """One `--field-name` option per field of `NamingRunConfig` (help = the field's docstring, default = its default).
+    Fields without a default are checked by `config_from_args`, not by argparse, so a script can also take them
+    from a work folder's setup.json."""
+    cls = cls or NamingRunConfig
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING
+        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None if required else f.default,
+                            help=docs.get(f.name, "") + (" (required)" if required else " (default: %(default)s)"))
+
+
+def config_from_args(args, cls=None):
+    """The config from parsed `add_config_arguments` options (an error names the missing required ones)."""
+    cls = cls or NamingRunConfig
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and getattr(args, f.name) is None]
+    if missing:
+        raise SystemExit(f"missing required options: {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def load_run_config(work_dir: str | os.PathLike) -> NamingRunConfig:
+    """The config a work folder was started with (its setup.json)."""
+    path = Path(work_dir) / "setup.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: start the run with hub_scripts/name_features.py (it writes the "
+                                "settings there), then evaluate and build from the same --work folder")
+    return NamingRunConfig(**_read_json(path)["config"])
+
+
+def _seed_of(*parts: Any) -> int:
+    """A stable 32-bit seed from any parts (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+# ================================================================================================ images
+def load_thumbnail(path: str | os.PathLike, thumb_dir: str | os.PathLike | None = None, size: int = 224) -> Image.Image:
+    """The image at `path` as RGB, composited onto white, padded to a white square and resized to `size` px (bicubic):
+    EfficientNet-Lite0's preprocessing up to normalisation, so the backbone sees the same pixels as from the original.
+    With `thumb_dir` the thumbnail is cached there as PNG (keyed by path, size and file mtime): decoding large Open
+    Clip Art PNGs dominates retrieval otherwise."""
+    path = Path(path)
+    cache = None
+    if thumb_dir is not None:
+        st = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}|{size}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        cache = Path(thumb_dir) / key[:2] / f"{key}.png"
+        if cache.is_file():
+            with Image.open(cache) as im:
+                return im.convert("RGB")
+    im = pad_to_square(load_rgb(path)).resize((size, size), Image.Resampling.BICUBIC)
+    if cache is not None:
+        import io
+
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        atomic_write_bytes(cache, buf.getvalue())
+    return im
+
+
+@dataclass
+class ThumbnailBank(DescribedImageBank):
+    """A described image bank whose images are (disk-cached) thumbnails carrying their ref in `image.info[REF_KEY]`."""
+
+    thumb_dir: Path | None = None
+    """Thumbnail cache folder (None: decode the originals every time)."""
+    thumb_size: int = 224
+
+    def load_image(self, i: int) -> Image.Image:
+        if i in self._images:
+            self._images.move_to_end(i)
+            return self._images[i]
+        im = load_thumbnail(self.paths[i], self.thumb_dir, self.thumb_size)
+        im.info[REF_KEY] = str(self.paths[i])
+        self._images[i] = im
+        if len(self._images) > self.image_cache_size:
+            self._images.popitem(last=False)
+        return im
+
+    def subset(self, idx: Sequence[int]) -> ThumbnailBank:
+        idx = [int(i) for i in idx]
+        return ThumbnailBank([self.paths[i] for i in idx], [self.descriptions[i] for i in idx], [self.labels[i] for i in idx],
+                             self.embeddings_NE[torch.as_tensor(idx, dtype=torch.long)], self.embedder,
+                             self.image_cache_size, thumb_dir=self.thumb_dir, thumb_size=self.thumb_size)
+
+
+def split_bank(bank: DescribedImageBank, eval_fraction: float = 0.5, seed: int = 0) -> tuple[ThumbnailBank, ThumbnailBank]:
+    """(search half, eval half): a seeded split of the bank by image (disjoint; each keeps bank order)."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    n = len(bank)
+    n_eval = round(eval_fraction * n)
+    if not 0 < n_eval < n:
+        raise ValueError(f"a bank of {n} images cannot be split with eval_fraction={eval_fraction}: both halves need images")
+    perm = np.random.default_rng(seed).permutation(n)
+    if not isinstance(bank, ThumbnailBank):
+        bank = ThumbnailBank(bank.paths, bank.descriptions, bank.labels, bank.embeddings_NE, bank.embedder)
+    return bank.subset(np.sort(perm[n_eval:])), bank.subset(np.sort(perm[:n_eval]))
+
+
+# ================================================================================================ activations
+def _aggregate(codes_NTX: Tensor, aggregation: str, cls_token: int = 0) -> Tensor:
+    if aggregation == "max":
+        return codes_NTX.amax(1)
+    if aggregation == "mean":
+        return codes_NTX.mean(1)
+    if aggregation == "cls":
+        return codes_NTX[:, cls_token]
+    raise ValueError(f"unknown aggregation {aggregation!r}")
+
+
+def store_ref(record: dict) -> str:
+    """The ref of a probe image: its file path, or its image id for images without a file (scikit-image samples)."""
+    return str(record["path"]) if record.get("path") else str(record["image_id"])
+
+
+class ImageActivationTable:
+    """Image-level activations of images by ref: every SAE feature (N, S) and every raw channel (N, D) of the layer.
+
+    Built once from the activation store (`from_store`); `rows(refs, images)` returns the SAE rows, computing the
+    images the store lacks through `fallback` (a `FeatureScorer`, raw activations) and remembering them.
+    """
+
+    def __init__(self, refs: Sequence[str], acts_NS: Tensor, raw_ND: Tensor, aggregation: str, fallback=None):
+        if acts_NS.shape[0] != len(refs) or raw_ND.shape[0] != len(refs):
+            raise ValueError(f"{len(refs)} refs for {acts_NS.shape[0]} SAE rows and {raw_ND.shape[0]} raw rows")
+        self.refs = list(refs)
+        self.index = {r: i for i, r in enumerate(self.refs)}
+        if len(self.index) != len(self.refs):
+            raise ValueError("refs must be unique (one row per image)")
+        self.acts_NS, self.raw_ND, self.aggregation, self.fallback = acts_NS.float(), raw_ND.float(), aggregation, fallback
+        self._extra: dict[str, Tensor] = {}
+        self.n_fallback = 0
+
+    @property
+    def d_sae(self) -> int:
+        return self.acts_NS.shape[1]
+
+    @classmethod
+    @torch.no_grad()
+    def from_store(cls, store, sae, aggregation: str = "max", cls_token: int = 0, batch_images: int = 256,
+                   progress: bool = True) -> ImageActivationTable:
+        pos = {r["image_idx"]: i for i, r in enumerate(store.images)}
+        N = len(store.images)
+        acts_NS = torch.zeros(N, sae.cfg.d_sae)
+        raw_ND = torch.zeros(N, store.d)
+        bar = tqdm(total=N, desc="activation table", unit="img", disable=not progress)
+        for image_idx_N, acts_NTD in store.iter_images(batch_images):
+            B, T, D = acts_NTD.shape
+            codes_NTS = sae.encode(acts_NTD.reshape(B * T, D).to(sae.W_dec.device)).reshape(B, T, -1).float().cpu()
+            rows = torch.as_tensor([pos[int(i)] for i in image_idx_N])
+            acts_NS[rows] = _aggregate(codes_NTS, aggregation, cls_token)
+            raw_ND[rows] = _aggregate(acts_NTD.float().cpu(), aggregation, cls_token)
+            bar.update(B)
+        bar.close()
+        return cls([store_ref(r) for r in store.images], acts_NS, raw_ND, aggregation)
+
+    def save(self, path: str | os.PathLike, key: str) -> None:
+        atomic_save_safetensors(path, {"acts_NS": self.acts_NS, "raw_ND": self.raw_ND},
+                                metadata={"refs": json.dumps(self.refs), "aggregation": self.aggregation, "key": key,
+                                          "schema_version": str(SCHEMA_VERSION)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, key: str) -> ImageActivationTable | None:
+        """The saved table, or None when there is none or it was built from other inputs (`key` differs)."""
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key or meta.get("schema_version") != str(SCHEMA_VERSION):
+                return None
+            return cls(json.loads(meta["refs"]), f.get_tensor("acts_NS"), f.get_tensor("raw_ND"), meta["aggregation"])
+
+    def rows(self, refs: Sequence[str | None], images: Sequence[Image.Image] | None = None) -> Tensor:
+        """(N, S) SAE activations; a ref the table lacks (or None) needs its image, run through `fallback`."""
+        out = torch.empty(len(refs), self.d_sae)
+        todo = []
+        for i, r in enumerate(refs):
+            if r is not None and r in self.index:
+                out[i] = self.acts_NS[self.index[r]]
+            elif r is not None and r in self._extra:
+                out[i] = self._extra[r]
+            else:
+                todo.append(i)
+        if todo:
+            if images is None or self.fallback is None:
+                raise KeyError(f"{len(todo)} image(s) are not in the activation table (e.g. {refs[todo[0]]!r}) and there is "
+                               "no fallback scorer (or no images) to compute them")
+            acts = self.fallback.activations([images[i] for i in todo], range(self.d_sae))
+            self.n_fallback += len(todo)
+            for i, a in zip(todo, acts):
+                out[i] = a
+                if refs[i] is not None:
+                    self._extra[refs[i]] = a.clone()
+        return out
+
+    def raw_rows(self, refs: Sequence[str]) -> Tensor:
+        missing = [r for r in refs if r not in self.index]
+        if missing:
+            raise KeyError(f"raw-channel activations exist only for probe images; {missing[:3]} are not in the store")
+        return self.raw_ND[torch.as_tensor([self.index[r] for r in refs], dtype=torch.long)]
+
+
+class _LazyFeatureScorer:
+    """A FeatureScorer on the run's backbone, built (and the backbone loaded) only when an image is not in the table."""
+
+    def __init__(self, run: NamingRun):
+        self.run, self._scorer = run, None
+
+    def activations(self, images, features):
+        if self._scorer is None:
+            from nacosae.naming.scorer import FeatureScorer
+
+            r = self.run
+            self._scorer = FeatureScorer(r.backbone, r.layer, r.tokens, r.sae, r.aggregation,
+                                         cls_token=getattr(r.stats.config, "cls_token", 0))
+        return self._scorer.activations(images, features)
+
+
+class TableScorer:
+    """The MILS scorer (METHODS §3.1 step 4) on top of an `ImageActivationTable`: activation / probe-set max, looking up
+    images by `image.info[REF_KEY]` (bank thumbnails carry it); equal to `FeatureScorer.score` up to the store's dtype."""
+
+    def __init__(self, table: ImageActivationTable, max_act_S: Tensor):
+        self.table = table
+        self.max_act_S = torch.as_tensor(max_act_S, dtype=torch.float32).flatten()
+        if self.max_act_S.numel() != table.d_sae:
+            raise ValueError(f"max_act_S has {self.max_act_S.numel()} entries, the table {table.d_sae} features")
+
+    def activations(self, images: Sequence[Image.Image], features: Sequence[int]) -> Tensor:
+        refs = [im.info.get(REF_KEY) for im in images]
+        return self.table.rows(refs, images)[:, torch.as_tensor(list(features), dtype=torch.long)]
+
+    def score(self, images: Sequence[Image.Image], features: Sequence[int]) -> Tensor:
+        feats = torch.as_tensor(list(features), dtype=torch.long)
+        max_F = self.max_act_S[feats]
+        if not (max_F > 0).all():
+            raise ValueError(f"features {feats[~(max_F > 0)].tolist()} never fired on the probe set: nothing to name")
+        return self.activations(images, features) / max_F
+
+
+# ================================================================================================ CoSy, MS, publishing
+def cosy_for_name(name: str, generator, seeds: Sequence[int], acts_fn: Callable[[list[Render]], Tensor],
+                  control_acts_M: Tensor, template: str = "{}") -> dict[str, Any]:
+    """CoSy (METHODS §4.1) of one name: render it with `seeds` (held-out), take the feature's image-level activations
+    on the renders (`acts_fn(renders) -> (N,)`) and compare with the control activations. Returns auc, mad, refs."""
+    renders = generator.render(template.format(name), list(seeds))
+    a_syn_N = torch.as_tensor(acts_fn(renders), dtype=torch.float64).flatten()
+    auc, mad = cosy_scores(a_syn_N, torch.as_tensor(control_acts_M, dtype=torch.float64).flatten())
+    return {"name": name, "auc": auc, "mad": mad, "render_refs": [r.ref for r in renders],
+            "mean_act": float(a_syn_N.mean())}
+
+
+def publish(aucs: dict[str, float | None], names: dict[str, str | None], threshold: float,
+            methods: Sequence[str] = PUBLISHABLE) -> tuple[str, str | None]:
+    """(name, method): the eligible method with the highest held-out AUC (ties: order of `methods`) if it is ≥
+    `threshold`, else ('unnamed', None). The threshold is on the same renders the AUC is reported on: choosing the
+    best of a few methods on them is a mild optimistic bias, stated in the write-up."""
+    best = None
+    for m in methods:
+        a = aucs.get(m)
+        if names.get(m) and a is not None and not math.isnan(a) and (best is None or a > aucs[best]):
+            best = m
+    if best is None or aucs[best] < threshold:
+        return UNNAMED, None
+    return names[best], best
+
+
+def ms_summary(ms: Tensor) -> dict[str, float]:
+    ms = torch.as_tensor(ms, dtype=torch.float64)
+    ok = ms[~torch.isnan(ms)]
+    if not len(ok):
+        return {"n": 0, "n_nan": int(ms.numel()), "mean": math.nan, "median": math.nan, "max": math.nan}
+    return {"n": len(ok), "n_nan": int(ms.numel() - len(ok)), "mean": float(ok.mean()), "median": float(ok.median()),
+            "max": float(ok.max()), "share_ge_0.5": float((ok >= 0.5).double().mean())}
+
+
+def monosemanticity_report(acts_NS: Tensor, raw_ND: Tensor, emb_NE: Tensor, alive_S: Tensor | None = None,
+                           named: Sequence[int] = ()) -> dict[str, Any]:
+    """MS (METHODS §4.2) of SAE features and of the layer's raw channels on the same N images and embeddings.
+
+    Also the MS a feature would get with equal weights on every image (the mean cosine over all pairs): the level of a
+    feature that ignores what is in the images; MS is only informative above it. NaN (dead/constant) → None in lists.
+    """
+    ms_S = monosemanticity_score(acts_NS, emb_NE)
+    ms_raw_D = monosemanticity_score(raw_ND, emb_NE)
+    n = emb_NE.shape[0]
+    unit_NE = emb_NE.double() / emb_NE.double().norm(dim=1, keepdim=True)
+    uniform = float((unit_NE.sum(0).pow(2).sum() - n) / (n * n - n))
+    alive_S = torch.ones(ms_S.shape[0], dtype=torch.bool) if alive_S is None else torch.as_tensor(alive_S, dtype=torch.bool)
+    return {"ms_S": [None if math.isnan(v) else v for v in ms_S.tolist()],
+            "ms_raw_D": [None if math.isnan(v) else v for v in ms_raw_D.tolist()],
+            "summary_sae_alive": ms_summary(ms_S[alive_S]),
+            "summary_sae_named": ms_summary(ms_S[list(named)]) if len(named) else ms_summary(torch.tensor([])),
+            "summary_raw": ms_summary(ms_raw_D), "uniform_weights_ms": uniform}
+
+
+# ================================================================================================ the run
+def select_features(stats, n: int, seed: int = 0, min_fires: int = 16) -> list[int]:
+    """A seeded sample (in draw order) of `n` features that are neither dead nor dense and fire on ≥ `min_fires` images."""
+    ok = (~stats.dead_S) & (~stats.dense_S) & (stats.image_fire_count_S >= min_fires)
+    cand = torch.nonzero(ok).flatten().numpy()
+    if len(cand) < n:
+        raise ValueError(f"only {len(cand)} features are alive, not dense and fire on ≥ {min_fires} probe images; asked "
+                         f"for {n}: lower n_features or min_fires")
+    return [int(j) for j in np.random.default_rng(seed).choice(cand, n, replace=False)]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _merge_shards(folder: Path, merge_records: bool = False) -> dict[int, dict]:
+    """Union of the `rank*.json` shards in `folder` (feature → record). With `merge_records` the records of one feature
+    in several shards (a run resumed with another world size) are merged key by key (eval records: method → scores)."""
+    out: dict[int, dict] = {}
+    for p in sorted(folder.glob("rank*.json")):
+        for k, rec in _read_json(p)["records"].items():
+            j = int(k)
+            out[j] = {**out[j], **rec} if merge_records and j in out else rec
+    return out
+
+
+class NamingRun:
+    """Everything the naming and evaluation stages share, loaded once per process; see the module docstring."""
+
+    def __init__(self, cfg: NamingRunConfig, work_dir: str | os.PathLike, progress: bool = True, backbone=None,
+                 thumb_dir: str | os.PathLike | None = None, embedder=None):
+        from nacosae.features import FeatureStats
+        from nacosae.naming.vocab import load_vocabulary
+        from nacosae.sae import SAE
+        from nacosae.store import ActivationStore
+
+        self.cfg = cfg.resolved()
+        self.work = Path(work_dir)
+        self.progress = progress
+        self.sae = SAE.from_pretrained(self.cfg.sae)
+        self.stats = FeatureStats.load(self.cfg.stats)
+        self.store = ActivationStore(self.cfg.store)
+        prov = self.sae.cfg.provenance
+        if self.stats.d_sae != self.sae.cfg.d_sae:
+            raise ValueError(f"the stats in {self.cfg.stats} are for d_sae={self.stats.d_sae}, the SAE has {self.sae.cfg.d_sae}: "
+                             "pass the stats of this SAE")
+        if self.store.d != self.sae.cfg.d_in or self.store.provenance.get("layer") != prov.get("layer"):
+            raise ValueError(f"the store {self.cfg.store} holds layer {self.store.provenance.get('layer')!r} (d={self.store.d}); "
+                             f"the SAE reads layer {prov.get('layer')!r} (d_in={self.sae.cfg.d_in})")
+        if self.stats.n_images != self.store.meta["n_images"]:
+            raise ValueError(f"the stats saw {self.stats.n_images} images, the store has {self.store.meta['n_images']}: "
+                             "they come from different probe sets")
+        self.layer, self.tokens = prov["layer"], prov["tokens"]
+        self.sae_id = self.cfg.sae_id or f"{prov.get('backbone', 'backbone')}/{self.layer}"
+        self.aggregation = self.stats.aggregation
+        self._backbone = backbone  # loaded on first use: only images missing from the store and the MS need it
+        self.records = {r["image_idx"]: r for r in self.store.images}
+        self.thumb_dir = Path(thumb_dir) if thumb_dir is not None else cache_dir() / "thumbnails"
+
+        key = self._table_key()
+        table_path = self.work / "activation_table.safetensors"
+        self.table = ImageActivationTable.load(table_path, key)
+        if self.table is None:
+            self.table = ImageActivationTable.from_store(self.store, self.sae, self.aggregation,
+                                                         getattr(self.stats.config, "cls_token", 0), progress=progress)
+            self.table.save(table_path, key)
+        self.table.fallback = _LazyFeatureScorer(self)
+        self.scorer = TableScorer(self.table, self.stats.act_max_S)
+        self.vocab = load_vocabulary()
+
+        bank = ThumbnailBank.from_openclipart(OPENCLIPART_DIR, paths=self._bank_paths(), embedder=embedder)
+        bank.thumb_dir = self.thumb_dir
+        self.search_bank, self.eval_bank = split_bank(bank, self.cfg.bank_eval_fraction, self.cfg.bank_seed)
+        self._bank_description = dict(zip(map(str, bank.paths), bank.descriptions))
+        self.search_generator = RetrievalGenerator(self.search_bank)
+        self.eval_generator = RetrievalGenerator(self.eval_bank)
+
+        self.features = select_features(self.stats, self.cfg.n_features, self.cfg.feature_seed, self.cfg.min_fires)
+        eval_refs = {str(p) for p in self.eval_bank.paths}
+        pool = sorted(r for r in self.table.refs if r not in eval_refs)
+        if len(pool) < self.cfg.n_control:
+            raise ValueError(f"only {len(pool)} probe images lie outside the eval half of the bank; n_control="
+                             f"{self.cfg.n_control}: lower it")
+        self.control_refs = sorted(random.Random(self.cfg.control_seed).sample(pool, self.cfg.n_control))
+        self.control_acts_MS = self.table.rows(self.control_refs)
+        self._proposers: dict[str, Any] = {}
+        self._check_setup()
+
+    # ---------------------------------------------------------------- setup
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            from nacosae.backbones import load_backbone
+
+            self._backbone = load_backbone(self.sae.cfg.provenance["backbone"])
+        return self._backbone
+
+    def _table_key(self) -> str:
+        h = hashlib.sha256()
+        h.update((Path(self.cfg.sae) / "model.safetensors").read_bytes())
+        h.update(json.dumps(self.store.meta.get("shards"), sort_keys=True).encode())
+        h.update(f"{self.aggregation}|{__version__}".encode())
+        return h.hexdigest()[:32]
+
+    def _bank_paths(self) -> list[Path]:
+        from nacosae.images import OpenClipArtSource
+
+        if self.cfg.bank_source == "store":
+            root = OPENCLIPART_DIR.resolve()
+            paths = [Path(r["path"]) for r in self.store.images if r.get("path") and Path(r["path"]).resolve().is_relative_to(root)]
+            if len(paths) < 4:
+                raise ValueError(f"the probe set has {len(paths)} Open Clip Art images: too few for a retrieval bank; use "
+                                 "bank_source='openclipart'")
+        else:
+            paths = [Path(r.path) for r in OpenClipArtSource(OPENCLIPART_DIR).records()]
+        if self.cfg.bank_max_images is not None and len(paths) > self.cfg.bank_max_images:
+            paths = sorted(random.Random(self.cfg.bank_seed).sample(paths, self.cfg.bank_max_images))
+        return paths
+
+    def _check_setup(self) -> None:
+        """Write work/setup.json, or check that this process runs with the settings the folder was started with."""
+        setup = {"schema_version": SCHEMA_VERSION, "config": self.cfg.to_dict(), "sae_id": self.sae_id,
+                 "features": self.features, "control_refs": self.control_refs,
+                 "search_bank": self.search_bank.id, "eval_bank": self.eval_bank.id}
+        path = self.work / "setup.json"
+        if path.is_file():
+            old = _read_json(path)
+            norm = lambda d: json.dumps(d, sort_keys=True)
+            # settings that change no finished result (which features Gemma names, the publishing threshold) may change
+            fixed = lambda d: {**d, "config": {k: v for k, v in (d.get("config") or {}).items() if k not in MUTABLE_SETTINGS}}
+            diff = [k for k in setup if norm(fixed(old).get(k)) != norm(fixed(setup).get(k))]
+            if diff:
+                cdiff = [k for k in setup["config"] if norm(old["config"].get(k)) != norm(setup["config"][k])]
+                raise ValueError(f"{self.work} was started with other settings ({', '.join(cdiff or diff)} differ): resume "
+                                 "with the same settings, or use another --work folder")
+            if norm(old) != norm(setup):
+                atomic_write_json(path, setup)
+        else:
+            atomic_write_json(path, setup)
+
+    def features_for(self, method: str) -> list[int]:
+        if method == "mils_gemma":
+            return self.features[: self.cfg.gemma_features]
+        return list(self.features)
+
+    def probe_record(self, image_idx: int) -> dict:
+        return self.records[int(image_idx)]
+
+    def feature_hints(self, j: int) -> list[str]:
+        """The majority label of feature j's top probe images, then their descriptions (best first), deduplicated."""
+        from nacosae.naming.baselines import top_label_names
+
+        top = [self.probe_record(i) for i, _ in self.stats.top_images(j)]
+        hints = [top_label_names([[r["label"] for r in top if r.get("label")]])[0] or ""]
+        # the bank's description of an Open Clip Art image (file-name words filtered to English) reads better than the
+        # probe record's, which keeps truncated author names ("flag brazil crystal feli")
+        hints += [self._bank_description.get(store_ref(r), r.get("description") or "").split(";")[0] for r in top]
+        out = list(dict.fromkeys(normalise(h) for h in hints if normalise(h)))
+        return out[: self.cfg.n_hints]
+
+    # ---------------------------------------------------------------- naming
+    def proposer(self, method: str):
+        if method not in self._proposers:
+            from nacosae.naming.proposers import GGUFProposer, VocabularyProposer
+
+            self._proposers[method] = VocabularyProposer(self.vocab) if method == "mils" else GGUFProposer()
+        return self._proposers[method]
+
+    def _name_mils(self, method: str, j: int, state_dir: Path) -> dict:
+        from nacosae.naming.mils import MILSState, new_state, run_mils, seed_prompts
+
+        cfg = self.cfg.mils_config(method)
+        state_path = state_dir / f"feature_{j:05d}.json"
+        hints = self.feature_hints(j)
+        if state_path.is_file():
+            state = MILSState.load(state_path)
+        else:
+            seeds = seed_prompts(self.vocab, self.cfg.n_seed_prompts, seed=_seed_of(self.cfg.mils_seed, j), hints=hints)
+            state = new_state(j, seeds, hints=hints)
+        proposer = self.proposer(method)
+        while not state.done:  # one step per call, saved after each: a kill loses at most one step
+            state = run_mils(state, proposer, self.search_generator, self.scorer, cfg, time_budget_s=0.0, progress=False)
+            state.save(state_path)
+        scores_by_iteration = [h["best"][0][0] for h in state.history if h["step"] in ("seed", "propose") and h["best"]]
+        tps = getattr(proposer, "tokens_per_second", None)  # LLM proposers: generation speed in this process
+        return {"feature": j, "method": method, "name": state.name, "hints": hints, "seconds": state.elapsed_s,
+                "proposer": proposer.id, "proposer_tokens_per_s": tps if tps is None or not math.isnan(tps) else None, "generator": self.search_generator.id, "mils_config": dataclasses.asdict(cfg),
+                "best": [[s, p] for s, p in state.best], "scores_by_iteration": scores_by_iteration,
+                "candidates": [{"iteration": c.iteration, "prompt": c.prompt, "score": c.score, "refs": c.refs}
+                               for c in state.candidates]}
+
+    def _name_baseline(self, method: str, j: int) -> dict:
+        from nacosae.naming.baselines import random_word_names, top_label_names
+
+        if method == "top_label":
+            labels = [self.probe_record(i)["label"] for i, _ in self.stats.top_images(j) if self.probe_record(i).get("label")]
+            name = top_label_names([labels])[0]
+            name = normalise(name) if name else None  # folder names: "signs_and_symbols" → "signs and symbols"
+        elif method == "random":
+            # seeded per feature, so the word does not depend on which rank names which features
+            name = random_word_names(self.vocab.words, 1, seed=_seed_of(self.cfg.mils_seed, "random", j))[0]
+        elif method == "vocab":
+            raise ValueError(f"vocabulary naming does not apply to this SAE: {self.vocab_applicable()[1]}")
+        else:
+            raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
+        return {"feature": j, "method": method, "name": name}
+
+    def vocab_applicable(self) -> tuple[bool, str]:
+        """(True, '') where Discover-then-Name applies (CLIP's image embedding), else (False, why)."""
+        from nacosae.naming.baselines import EMBEDDING_LAYER, check_text_aligned
+
+        backbone_name = self.sae.cfg.provenance.get("backbone", "?")
+        if self.layer != EMBEDDING_LAYER:  # decided without loading the backbone
+            return False, (f"the SAE reads {backbone_name} layer {self.layer!r}, not CLIP's image embedding: decoder rows "
+                           "are not in a text-aligned space (METHODS §3.2), so no vocabulary word can be matched to them")
+        try:
+            check_text_aligned(self.backbone, self.layer, self.sae.cfg.d_in)
+        except ValueError as e:
+            return False, str(e)
+        return True, ""
+
+    def name_features(self, method: str, rank: int = 0, world_size: int = 1) -> dict[int, dict]:
+        """Name this rank's share of the features with `method`; returns this rank's records (new and resumed)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
+        if method == "vocab":
+            ok, reason = self.vocab_applicable()
+            if not ok:
+                raise ValueError(f"vocabulary naming does not apply to this SAE: {reason}")
+        folder = self.work / "names" / method
+        shard_path = folder / f"rank{rank:03d}.json"
+        mine = {int(k): v for k, v in _read_json(shard_path)["records"].items()} if shard_path.is_file() else {}
+        done = _merge_shards(folder) if folder.is_dir() else {}
+        todo = [j for j in self.features_for(method)[rank::world_size] if j not in done]
+        for j in tqdm(todo, desc=f"naming ({method}) rank {rank}", unit="feature", disable=not self.progress):
+            rec = self._name_mils(method, j, folder / "states") if method in MILS_METHODS else self._name_baseline(method, j)
+            mine[j] = rec
+            atomic_write_json(shard_path, {"schema_version": SCHEMA_VERSION, "method": method, "rank": rank,
+                                           "world_size": world_size, "records": {str(k): v for k, v in sorted(mine.items())}})
+        return mine
+
+    def names(self, method: str) -> dict[int, dict]:
+        folder = self.work / "names" / method
+        return _merge_shards(folder) if folder.is_dir() else {}
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, rank: int = 0, world_size: int = 1, methods: Sequence[str] | None = None) -> dict[int, dict]:
+        """CoSy of every available name of this rank's features on held-out renders vs the fixed control set."""
+        methods = [m for m in (methods or METHODS) if (self.work / "names" / m).is_dir()]
+        names = {m: self.names(m) for m in methods}
+        folder = self.work / "eval"
+        shard_path = folder / f"rank{rank:03d}.json"
+        mine = {int(k): v for k, v in _read_json(shard_path)["records"].items()} if shard_path.is_file() else {}
+        done = _merge_shards(folder, merge_records=True) if folder.is_dir() else {}
+        feats = self.features[rank::world_size]
+
+        def pending(j):  # methods that named j (a None name: nothing to evaluate) and are not evaluated yet
+            return [m for m in methods if j in names[m] and names[m][j]["name"] and m not in done.get(j, {})]
+
+        todo = [j for j in feats if pending(j)]
+        for j in tqdm(todo, desc=f"evaluating rank {rank}", unit="feature", disable=not self.progress):
+            rec = dict(done.get(j, {}))
+            for m in pending(j):
+                rec[m] = cosy_for_name(names[m][j]["name"], self.eval_generator, self.cfg.eval_seeds,
+                                       lambda rs, j=j: self.table.rows([r.ref for r in rs], [r.image for r in rs])[:, j],
+                                       self.control_acts_MS[:, j], self.cfg.render_template)
+            mine[j] = rec
+            atomic_write_json(shard_path, {"schema_version": SCHEMA_VERSION, "rank": rank, "world_size": world_size,
+                                           "records": {str(k): v for k, v in sorted(mine.items())}})
+        return mine
+
+    def mils_ablation(self, method: str = "mils") -> dict | None:
+        """Where the MILS name's held-out AUC comes from: the same CoSy for the best *seed* prompt (iteration 0: top-image
+        hints and vocabulary words, no proposer), the best prompt after the loop, and the summarised name. Cached in
+        work/ablation_<method>.json."""
+        path = self.work / f"ablation_{method}.json"
+        if path.is_file():
+            return _read_json(path)
+        recs = self.names(method)
+        if not recs:
+            return None
+        out: dict[str, Any] = {"method": method, "features": {}}
+        for j, rec in sorted(recs.items()):
+            cands = rec["candidates"]
+            seeds = [c for c in cands if c["iteration"] == 0]
+            # the loop's own order: best score, then the shorter prompt, then the earlier one (nacosae.naming.mils)
+            key = lambda ic: (-ic[1]["score"], len(ic[1]["prompt"].split()), ic[0])  # noqa: E731
+            prompts = {"seed_best": min(enumerate(seeds), key=key)[1]["prompt"],
+                       "loop_best": min(enumerate(cands), key=key)[1]["prompt"], "name": rec["name"]}
+            acts = lambda rs, j=j: self.table.rows([r.ref for r in rs], [r.image for r in rs])[:, j]  # noqa: E731
+            out["features"][str(j)] = {k: {"prompt": v, "auc": cosy_for_name(v, self.eval_generator, self.cfg.eval_seeds, acts,
+                                                                              self.control_acts_MS[:, j],
+                                                                              self.cfg.render_template)["auc"]}
+                                       for k, v in prompts.items()}
+        for k in ("seed_best", "loop_best", "name"):
+            a = np.array([f[k]["auc"] for f in out["features"].values()])
+            out[k] = {"auc_mean": float(a.mean()), "auc_std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+                      "share_ge_threshold": float((a >= self.cfg.threshold).mean())}
+        atomic_write_json(path, out)
+        return out
+
+    def evaluations(self) -> dict[int, dict]:
+        folder = self.work / "eval"
+        return _merge_shards(folder, merge_records=True) if folder.is_dir() else {}
+
+    # ---------------------------------------------------------------- monosemanticity
+    def load_probe_image(self, record: dict) -> Image.Image:
+        """A probe image's pixels (a thumbnail for files; scikit-image samples from the package)."""
+        if record.get("path"):
+            return load_thumbnail(record["path"], self.thumb_dir)
+        if record.get("source") == "skimage":
+            fields = {f.name for f in dataclasses.fields(ImageRecord)}
+            return SkimageSource().load(ImageRecord(**{k: v for k, v in record.items() if k in fields}))
+        raise ValueError(f"cannot load probe image {record.get('image_id')!r}: no file path and not a scikit-image sample")
+
+    @torch.no_grad()
+    def monosemanticity(self, batch_size: int = 32) -> dict:
+        """MS (METHODS §4.2) of every SAE feature and every raw channel of the layer over a seeded probe sample, with
+        the backbone's `ms_layer` embedding as the image encoder. Cached in work/ms.json."""
+        path = self.work / "ms.json"
+        if path.is_file():
+            return _read_json(path)
+        file_recs = sorted((r for r in self.store.images if r.get("path")), key=lambda r: r["image_idx"])
+        n = min(self.cfg.ms_images, len(file_recs))
+        recs = random.Random(self.cfg.ms_seed).sample(file_recs, n)
+        emb = []
+        for i in tqdm(range(0, n, batch_size), desc="MS embeddings", unit="batch", disable=not self.progress):
+            x = torch.stack([self.backbone.preprocess(self.load_probe_image(r)) for r in recs[i:i + batch_size]])
+            emb.append(self.backbone.activations(x, self.cfg.ms_layer, "mean")[:, 0].float().cpu())
+        emb_NE = torch.cat(emb)
+        refs = [store_ref(r) for r in recs]
+        report = monosemanticity_report(self.table.rows(refs), self.table.raw_rows(refs), emb_NE,
+                                        alive_S=~self.stats.dead_S, named=self.features)
+        backbone_name = self.sae.cfg.provenance.get("backbone", "backbone")
+        out = {"schema_version": SCHEMA_VERSION, "n_images": n, "ms_seed": self.cfg.ms_seed,
+               "encoder": f"{backbone_name}/{self.cfg.ms_layer}",
+               "encoder_caveat": (f"the SAE's own backbone ({backbone_name}), layer {self.cfg.ms_layer}, downstream of "
+                                  f"{self.layer}: not an independent encoder as METHODS §4.2 asks (DINOv2); no other image "
+                                  "encoder ships offline, so MS values are inflated and only comparable within this run"),
+               **report}
+        atomic_write_json(path, out)
+        return out
+
+
+# ================================================================================================ tables and plots
+def comparison_table(rows: Sequence[dict], methods: Sequence[str], threshold: float) -> list[dict]:
+    """Per method, over the rows (features) where every method in `methods` has an AUC: mean ± std AUC and MAD,
+    the share of features above `threshold`, and the share it wins (highest AUC; ties split equally, so shares sum
+    to 1)."""
+    rows = [r for r in rows if all(r.get(f"cosy_auc_{m}") is not None for m in methods)]
+    if not rows:
+        return []
+    auc = np.array([[r[f"cosy_auc_{m}"] for m in methods] for r in rows], dtype=np.float64)
+    mad = np.array([[r[f"cosy_mad_{m}"] for m in methods] for r in rows], dtype=np.float64)
+    best = auc.max(1, keepdims=True)
+    winners = np.isclose(auc, best, rtol=0, atol=1e-12)
+    wins = (winners / winners.sum(1, keepdims=True)).sum(0) / len(rows)
+    std = lambda x: float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    return [{"method": m, "n": len(rows), "auc_mean": float(auc[:, i].mean()), "auc_std": std(auc[:, i]),
+             "mad_mean": float(mad[:, i].mean()), "mad_std": std(mad[:, i]),
+             "share_auc_ge_threshold": float((auc[:, i] >= threshold).mean()), "win_share": float(wins[i])}
+            for i, m in enumerate(methods)]
+
+
+def paired_difference(rows: Sequence[dict], a: str, b: str, n_boot: int = 10000, seed: int = 0) -> dict | None:
+    """Method `a` minus method `b` in held-out AUC over the features both named: mean, a 95 % bootstrap interval of the
+    mean (features resampled), and the shares of features where a is better / worse. None without common features."""
+    pairs = [(r[f"cosy_auc_{a}"], r[f"cosy_auc_{b}"]) for r in rows
+             if r.get(f"cosy_auc_{a}") is not None and r.get(f"cosy_auc_{b}") is not None]
+    if not pairs:
+        return None
+    d = np.array([x - y for x, y in pairs], dtype=np.float64)
+    boot = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"a": a, "b": b, "n": len(d), "mean": float(d.mean()), "ci95": [float(lo), float(hi)],
+            "share_a_better": float((d > 0).mean()), "share_a_worse": float((d < 0).mean())}
+
+
+def comparison_markdown(table: Sequence[dict], threshold: float) -> str:
+    head = (f"| method | n | CoSy AUC (mean ± std) | CoSy MAD (mean ± std) | AUC ≥ {threshold:g} | wins |\n"
+            "|---|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['method']} | {r['n']} | {r['auc_mean']:.3f} ± {r['auc_std']:.3f} | {r['mad_mean']:.2f} ± {r['mad_std']:.2f} | "
+        f"{r['share_auc_ge_threshold']:.0%} | {r['win_share']:.0%} |\n" for r in table)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_auc_distributions(rows: Sequence[dict], methods: Sequence[str], path: str | os.PathLike, threshold: float,
+                           title: str = "") -> Path:
+    """Box plots + points of each method's held-out CoSy AUC over the features it named."""
+    plt = _pyplot()
+    data = [[r[f"cosy_auc_{m}"] for r in rows if r.get(f"cosy_auc_{m}") is not None] for m in methods]
+    fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 2, 3.6))
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(methods) + 1), [f"{m}\n(n={len(d)})" for m, d in zip(methods, data)])
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(data, start=1):
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(d)), d, s=9, alpha=0.6)
+    ax.axhline(threshold, color="grey", ls="--", lw=1)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_ylabel("held-out CoSy AUC")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "CoSy AUC per method (held-out renders vs control)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_mils_scores(records_by_method: dict[str, Sequence[dict]], path: str | os.PathLike) -> Path:
+    """Best MILS score after each iteration (0 = seed prompts): median and interquartile band over features."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for m, recs in records_by_method.items():
+        curves = [r["scores_by_iteration"] for r in recs if r.get("scores_by_iteration")]
+        if not curves:
+            continue
+        L = max(len(c) for c in curves)
+        arr = np.array([c + [c[-1]] * (L - len(c)) for c in curves], dtype=np.float64)
+        x = np.arange(L)
+        ax.plot(x, np.median(arr, 0), marker="o", ms=3, label=f"{m} (n={len(curves)})")
+        ax.fill_between(x, np.percentile(arr, 25, 0), np.percentile(arr, 75, 0), alpha=0.2)
+    ax.set_xlabel("iteration (0 = seed prompts)")
+    ax.set_ylabel("best score (activation / probe max)")
+    ax.legend(fontsize=8)
+    ax.set_title("MILS: best score vs iteration (search half of the bank)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ms(ms_sae: Sequence[float | None], ms_raw: Sequence[float | None], path: str | os.PathLike, encoder: str,
+            baseline: float | None = None) -> Path:
+    """Histograms of the MS of SAE features and raw channels; `baseline`: the equal-weights MS (a dashed line)."""
+    plt = _pyplot()
+    a = np.array([v for v in ms_sae if v is not None], dtype=np.float64)
+    b = np.array([v for v in ms_raw if v is not None], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = np.linspace(min(a.min(initial=1), b.min(initial=1)), max(a.max(initial=0), b.max(initial=0)), 40)
+    ax.hist(a, bins=bins, alpha=0.6, density=True, label=f"SAE features (n={len(a)}, mean {a.mean():.3f})")
+    ax.hist(b, bins=bins, alpha=0.6, density=True, label=f"raw channels (n={len(b)}, mean {b.mean():.3f})")
+    if baseline is not None:
+        ax.axvline(baseline, color="grey", ls="--", lw=1, label=f"equal weights (images ignored): {baseline:.3f}")
+    ax.set_xlabel(f"Monosemanticity Score (encoder: {encoder})")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ================================================================================================ assembling the dataset
+def _grid(T: int) -> tuple[int, int]:
+    side = round(math.sqrt(T))
+    return (side, side) if side * side == T else (1, T)
+
+
+def _f(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def assemble_results(run: NamingRun, all_features: bool = False, image_loader: Callable | None = None) -> tuple[list, list, list, dict]:
+    """(features rows, images rows, runs rows, summary) for `nacosae.results.write_results`.
+
+    Rows: the named features, or every feature with `all_features` (unattempted features have null names). Images: every
+    image a row refers to (top images, MILS renders, CoSy renders), as ≤ 224 px PNG. Summary: the comparison tables,
+    MS summary and settings (also stored as the runs row's `evaluation_json`).
+    """
+    from nacosae.results import image_png
+
+    cfg, stats = run.cfg, run.stats
+    names = {m: run.names(m) for m in METHODS}
+    evals = run.evaluations()
+    ms = run.monosemanticity()
+    T = stats.tokens_per_image
+    gh, gw = _grid(T)
+    by_ref = {store_ref(r): r for r in run.store.images}
+    bank_info = {}
+    for bank in (run.search_bank, run.eval_bank):
+        for p, d, lab in zip(bank.paths, bank.descriptions, bank.labels):
+            bank_info[str(p)] = (d, lab)
+
+    def image_id(ref: str) -> str:
+        if ref in by_ref:
+            return by_ref[ref]["image_id"]
+        p = Path(ref)
+        try:
+            return f"openclipart/{p.relative_to(OPENCLIPART_DIR)}"
+        except ValueError:
+            return ref
+
+    wanted: dict[str, str] = {}  # image_id → ref
+    vocab_ok, vocab_reason = run.vocab_applicable()
+    feats = list(range(stats.d_sae)) if all_features else sorted(run.features)
+    rows = []
+    for j in feats:
+        top = stats.top_images(j)
+        top_refs = [store_ref(run.probe_record(i)) for i, _ in top]
+        row = {
+            "sae_id": run.sae_id, "feature": j,
+            "image_frequency": float(stats.image_frequency_S[j]), "token_frequency": float(stats.token_frequency_S[j]),
+            "mean_act": float(stats.mean_act_S[j]), "max_act": float(stats.act_max_S[j]), "aggregation": stats.aggregation,
+            "dead": bool(stats.dead_S[j]), "dense": bool(stats.dense_S[j]),
+            "hist_edges": stats.hist_edges(j).tolist(), "hist_counts": stats.hist_counts_SH[j].tolist(),
+            "top_image_ids": [image_id(r) for r in top_refs], "top_activations": [v for _, v in top],
+            "top_heatmaps": stats.top_maps_SKT[j, : len(top)].tolist(), "grid_h": gh, "grid_w": gw,
+            "ms": _f(ms["ms_S"][j]), "ms_encoder": f"{ms['encoder']} ({ms['encoder_caveat']})",
+        }
+        for r in top_refs:
+            wanted[image_id(r)] = r
+        aucs, method_names = {}, {}
+        ev = evals.get(j, {})
+        for m in METHODS:
+            rec = names[m].get(j)
+            method_names[m] = rec["name"] if rec else None
+            e = ev.get(m)
+            row[f"name_{m}"] = method_names[m]
+            row[f"cosy_auc_{m}"] = _f(e["auc"]) if e else None
+            row[f"cosy_mad_{m}"] = _f(e["mad"]) if e else None
+            row[f"cosy_render_ids_{m}"] = [image_id(r) for r in e["render_refs"]] if e else None
+            for r in (e["render_refs"] if e else []):
+                wanted[image_id(r)] = r
+            aucs[m] = e["auc"] if e else None
+            if m in MILS_METHODS:
+                hist = [{"iteration": c["iteration"], "prompt": c["prompt"], "score": c["score"],
+                         "render_ids": [image_id(r) for r in c["refs"]]} for c in rec["candidates"]] if rec else None
+                row[f"{m}_history"] = hist
+                row[f"{m}_scores_by_iteration"] = rec["scores_by_iteration"] if rec else None
+                for c in (rec["candidates"] if rec else []):
+                    for r in c["refs"]:
+                        wanted[image_id(r)] = r
+        attempted = any(method_names[m] for m in PUBLISHABLE)
+        row["name"], row["name_method"] = publish(aucs, method_names, cfg.threshold) if attempted else (None, None)
+        rows.append(row)
+
+    load = image_loader or (lambda ref: run.load_probe_image(by_ref[ref]) if ref in by_ref else load_thumbnail(ref, run.thumb_dir))
+    images = []
+    for iid, ref in tqdm(sorted(wanted.items()), desc="images", unit="img", disable=not run.progress):
+        rec = by_ref.get(ref)
+        desc, lab = bank_info.get(ref, (None, None))
+        images.append({"image_id": iid, "image": {"bytes": image_png(load(ref)), "path": None},
+                       "kind": "probe" if rec else "bank",
+                       "label": rec.get("label") if rec else lab, "description": rec.get("description") if rec else desc,
+                       "source": rec.get("source") if rec else "openclipart", "prompt": None, "seed": None, "generator": None})
+
+    named = [r for r in rows if r["name"] is not None]
+    all_methods = [m for m in ("mils", "top_label", "random") if any(r[f"cosy_auc_{m}"] is not None for r in named)]
+    gemma_methods = ["mils_gemma"] + all_methods if any(r["cosy_auc_mils_gemma"] is not None for r in named) else []
+    summary = {
+        "sae_id": run.sae_id, "n_features_named": len(named), "threshold": cfg.threshold,
+        "n_published": sum(r["name"] not in (None, UNNAMED) for r in named),
+        "published_by_method": {m: sum(r["name_method"] == m for r in named) for m in PUBLISHABLE},
+        "table_all": comparison_table(named, all_methods, cfg.threshold), "methods_all": all_methods,
+        "table_gemma_subset": comparison_table(named, gemma_methods, cfg.threshold) if gemma_methods else [],
+        "paired": [p for a, b in (("mils", "top_label"), ("mils", "random"), ("top_label", "random"), ("mils_gemma", "mils"),
+                                  ("mils_gemma", "random"))
+                   if (p := paired_difference(named, a, b)) is not None],
+        "methods_gemma_subset": gemma_methods,
+        "aggregation": f"{stats.aggregation} over the {gh}×{gw} tokens of each image",
+        "eval": {"renders_per_name": cfg.n_eval_renders, "eval_seeds": list(cfg.eval_seeds), "n_control": cfg.n_control,
+                 "control": "seeded sample of probe images outside the eval half of the bank",
+                 "bank_search_images": len(run.search_bank), "bank_eval_images": len(run.eval_bank),
+                 "bank_split_seed": cfg.bank_seed, "render_template": cfg.render_template,
+                 "generator": "retrieval from Open Clip Art by all-MiniLM-L6-v2 description similarity"},
+        "ms": {"encoder": ms["encoder"], "caveat": ms["encoder_caveat"], "n_images": ms["n_images"],
+               "sae_alive": ms["summary_sae_alive"], "sae_named": ms["summary_sae_named"], "raw_channels": ms["summary_raw"],
+               "uniform_weights_ms": ms.get("uniform_weights_ms")},
+        "vocab": "applies" if vocab_ok else f"not applicable: {vocab_reason}",
+        "mils_ablation": {m: {k: a[k] for k in ("seed_best", "loop_best", "name")}
+                          for m in MILS_METHODS if (a := run.mils_ablation(m)) is not None},
+        "timing_s": {m: sum(r.get("seconds", 0.0) for r in names[m].values()) for m in MILS_METHODS if names[m]},
+        "config": cfg.to_dict(),
+    }
+    run_row = _runs_row(run, summary)
+    return rows, images, [run_row], summary
+
+
+def _runs_row(run: NamingRun, summary: dict) -> dict:
+    prov = run.sae.cfg.provenance
+    metrics_path = Path(run.cfg.sae).parent / "metrics.json"
+    metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
+    return {"sae_id": run.sae_id, "backbone": prov.get("backbone"), "layer": run.layer, "tokens": run.tokens,
+            "d_in": run.sae.cfg.d_in, "d_sae": run.sae.cfg.d_sae, "activation": run.sae.cfg.activation,
+            "k": run.sae.cfg.k, "val_fvu": metrics.get("val_fvu"), "val_explained_variance": metrics.get("val_explained_variance"),
+            "val_l0": metrics.get("val_l0"), "val_dead_fraction": metrics.get("val_dead_fraction"),
+            "n_train_rows": metrics.get("n_train_rows", prov.get("n_train_rows")),
+            "provenance_json": json.dumps(prov, sort_keys=True), "evaluation_json": json.dumps(summary, sort_keys=True)}
+
+
+# ================================================================================================ the merge step
+def results_markdown(summary: dict) -> str:
+    """The comparison tables of a run as markdown (for the dataset card and docs/naming.md)."""
+    thr = summary["threshold"]
+    n_all = summary["table_all"][0]["n"] if summary["table_all"] else 0
+    out = [f"## CoSy: methods compared ({summary['aggregation']})", "", f"All {n_all} evaluated features:", "",
+           comparison_markdown(summary["table_all"], thr)]
+    if summary["table_gemma_subset"]:
+        out += [f"The {summary['table_gemma_subset'][0]['n']} features also named with Gemma-3-270M:", "",
+                comparison_markdown(summary["table_gemma_subset"], thr)]
+    if summary.get("paired"):
+        out += ["Paired differences in held-out AUC (same features; 95 % bootstrap interval of the mean over features):", "",
+                "| a − b | n | mean | 95 % interval | a better | a worse |", "|---|---|---|---|---|---|"]
+        out += [f"| {p['a']} − {p['b']} | {p['n']} | {p['mean']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
+                f"{p['share_a_better']:.0%} | {p['share_a_worse']:.0%} |" for p in summary["paired"]]
+        out.append("")
+    if summary.get("mils_ablation"):
+        out += ["Where the MILS names' held-out AUC comes from (same CoSy protocol): the best seed prompt (top-image hints and "
+                "vocabulary words, before any proposal), the best prompt after the loop, the summarised name:", "",
+                "| loop | best seed prompt | best loop prompt | name |", "|---|---|---|---|"]
+        for m, a in summary["mils_ablation"].items():
+            out.append(f"| {m} | " + " | ".join(f"{a[k]['auc_mean']:.3f} ± {a[k]['auc_std']:.3f} ({a[k]['share_ge_threshold']:.0%} "
+                                               f"≥ {thr:g})" for k in ("seed_best", "loop_best", "name")) + " |")
+        out.append("")
+    out.append("`wins`: share of features where the method has the highest held-out AUC (ties split). Published names "
+               f"(AUC ≥ {thr:g}) by method: " + ", ".join(f"{m} {n}" for m, n in summary["published_by_method"].items())
+               + f"; unnamed {summary['n_features_named'] - summary['n_published']}.")
+    return "\n".join(out) + "\n"
+
+
+def results_card(summary: dict) -> str:
+    """README.md of the results dataset: front matter with `configs:` per table, then how it was made and evaluated."""
+    from nacosae.results import dataset_card
+
+    ms, ev = summary["ms"], summary["eval"]
+    body = f"""# nacosae: named SAE features of {summary['sae_id']}
+
+Features of a sparse autoencoder (SAE) on `{summary['sae_id']}`, named with a MILS-style loop and baselines, each name
+scored by CoSy on held-out images, with the Monosemanticity Score (MS) of every feature. Made with nacosae
+(`hub_scripts/run_naming_offline.py`); the columns are described in nacosae's `docs/RESULTS_SCHEMA.md`.
+
+```python
+from datasets import load_dataset
+features = load_dataset("<this repo>", "features", split="train")
+images = load_dataset("<this repo>", "images", split="train")   # image_id → picture
+```
+
+## How names were evaluated
+- Generator: {ev['generator']} (no text-to-image model ships offline). The bank was split by image (seed
+  {ev['bank_split_seed']}): the naming loop searched {ev['bank_search_images']} images; CoSy renders came from the other
+  {ev['bank_eval_images']}, at ranks the loop never used ({ev['renders_per_name']} per name).
+- Control: {ev['n_control']} images, a {ev['control']}.
+- Image-level activation: {summary['aggregation']}.
+- A name is published (`name`) only when its held-out CoSy AUC ≥ {summary['threshold']:g}; otherwise `unnamed`.
+  {summary['n_published']} of {summary['n_features_named']} named features cleared it.
+- `vocab` (Discover-then-Name): {summary['vocab']}
+
+{results_markdown(summary)}
+## Monosemanticity Score
+Encoder `{ms['encoder']}` over {ms['n_images']} probe images. Caveat: {ms['caveat']}.
+Mean MS: SAE features (alive) {ms['sae_alive']['mean']:.3f}, named features {ms['sae_named']['mean']:.3f}, raw channels
+of the layer {ms['raw_channels']['mean']:.3f}; a feature that ignored the images (equal weights: the mean cosine over
+all pairs) would score {ms['uniform_weights_ms']:.3f}.
+
+## Licence
+Images: Open Clip Art Library (public domain) and scikit-image sample images (see scikit-image's data licences).
+Names, scores and statistics: Apache-2.0, like nacosae.
+"""
+    return dataset_card(body, extra_yaml="license: other\ntags:\n- sparse-autoencoder\n- interpretability\n- feature-naming")
+
+
+def missing_work(run: NamingRun) -> list[str]:
+    """What a run still lacks: features not named by a method that was started, or named but not evaluated."""
+    evals = run.evaluations()
+    missing = []
+    for m in ("mils", "mils_gemma", "top_label", "random"):
+        names = run.names(m)
+        if not names and m == "mils_gemma":
+            continue  # never started: left out (null columns), not missing
+        missing += [f"{m}: feature {j} not named" for j in run.features_for(m) if j not in names]
+        missing += [f"{m}: feature {j} not evaluated" for j in run.features_for(m)
+                    if j in names and names[j]["name"] and m not in evals.get(j, {})]
+    return missing
+
+
+def build_results(run: NamingRun, out_dir: str | os.PathLike, figures_dir: str | os.PathLike | None = None,
+                  all_features: bool = False, allow_partial: bool = False) -> dict:
+    """The merge step: all ranks' shards → the results dataset (nacosae.results layout), WORK/summary.json,
+    WORK/results.md and the figures (default WORK/figures). Returns the summary."""
+    from nacosae.io import atomic_write_text
+    from nacosae.results import write_results
+
+    missing = missing_work(run)
+    if missing and not allow_partial:
+        raise ValueError(f"{len(missing)} gaps, e.g. {missing[:5]}: run name_features.py / evaluate_names.py again (they "
+                         "resume), or build with allow_partial")
+    rows, images, runs, summary = assemble_results(run, all_features=all_features)
+    summary["n_rows"], summary["n_images"] = len(rows), len(images)
+    write_results(out_dir, rows, images, runs, card=results_card(summary))
+    atomic_write_json(run.work / "summary.json", summary)
+    atomic_write_text(run.work / "results.md", results_markdown(summary))
+
+    figures = Path(figures_dir) if figures_dir is not None else run.work / "figures"
+    named = [r for r in rows if r["name"] is not None]
+    thr = summary["threshold"]
+    plot_auc_distributions(named, summary["methods_all"], figures / "auc_all.png", thr,
+                           f"held-out CoSy AUC of {len(named)} features (image activation: {run.aggregation} over tokens)")
+    if summary["methods_gemma_subset"]:
+        plot_auc_distributions(named, summary["methods_gemma_subset"], figures / "auc_gemma_subset.png", thr,
+                               "held-out CoSy AUC, the features also named with Gemma-3-270M")
+    plot_mils_scores({m: list(run.names(m).values()) for m in MILS_METHODS if run.names(m)}, figures / "mils_scores.png")
+    ms = run.monosemanticity()
+    plot_ms([ms["ms_S"][j] for j in range(run.stats.d_sae) if not run.stats.dead_S[j]], ms["ms_raw_D"],
+            figures / "ms.png", ms["encoder"], baseline=ms.get("uniform_weights_ms"))
+    return summary
