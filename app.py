@@ -252,6 +252,21 @@ def live_naming(key, sae_id, feature, proposer, iterations, candidates, max_seco
         raise gr.Error(str(e), duration=None) from e
 
 
+LAB_RUN = ROOT / "runs" / "lab"  # the trained lab experiment, when this checkout has one (hub_scripts/lab.py experiment)
+
+
+def lab_structure(model_kind, stat):
+    """The small-network lab's structure view (SVG + summary): the trained baseline of runs/lab when it holds this kind
+    of model, else a seeded untrained one. Lazy imports: the lab code stays out of the app's cold start."""
+    from nacosae.lab.view import run_model_kind, structure_view_html
+
+    run_dir = LAB_RUN if run_model_kind(LAB_RUN) == model_kind else None
+    try:
+        return structure_view_html(model_kind, stat, run_dir=run_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise gr.Error(str(e), duration=None) from e
+
+
 # ================================================================================================ the UI
 HEADER = """# nacosae · SAE feature explorer
 Sparse-autoencoder features of a vision model: browse them, see where they fire, name them with a MILS-style loop,
@@ -344,6 +359,15 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
                             steer_before = gr.Label(label="before", num_top_classes=5)
                             steer_after = gr.Label(label="after", num_top_classes=5)
                         steer_changes = gr.Dataframe(label="largest changes", interactive=False)
+            with gr.Tab("Lab", id="lab"):
+                gr.Markdown("The small-network lab (docs/lab.md): a small Fashion-MNIST classifier traced layer by layer, "
+                            "its units coloured by a statistic over 256 test images (hover a cell for its value). The "
+                            "trained baseline of `runs/lab` when this checkout has it for that model, else random weights.")
+                with gr.Row():
+                    lab_model = gr.Dropdown(["cnn", "mlp", "vit"], value="cnn", label="model", elem_id="lab-model")
+                    lab_stat = gr.Radio(["mean", "firing_rate", "dead"], value="mean", label="statistic")
+                    lab_btn = gr.Button("Draw", variant="primary", elem_id="lab-run")
+                lab_view = gr.HTML(elem_id="lab-view")
 
         page = [feat_num, title, summary, gallery, hist, names, mils_md, mils_table, mils_gallery, mils_curve]
         filters = [query, sort, hide_dead, hide_dense]
@@ -366,6 +390,7 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
         feat_num.change(lambda f: (f, f), feat_num, [name_feat, steer_feat], api_name=False, show_progress="hidden")
         steer_btn.click(steer, [src, sae_dd, steer_img, steer_feat, steer_mode, steer_value, steer_labels],
                         [steer_before, steer_after, steer_changes, steer_note], api_name="steer", preprocess=False)
+        lab_btn.click(lab_structure, [lab_model, lab_stat], lab_view, api_name="lab_structure")
     return ui
 
 

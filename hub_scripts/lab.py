@@ -14,7 +14,6 @@ of the training split by default). Killed? Run the same command again: finished 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -69,53 +68,21 @@ def _figures(args) -> None:
 
 
 def _structure(args) -> None:
-    import torch
-    from safetensors.torch import load_file
-
     from nacosae.io import atomic_write_json, atomic_write_text
-    from nacosae.lab.models import ModelConfig, build_model
-    from nacosae.lab.structure import render_html, render_png, trace_model
+    from nacosae.lab.structure import render_html, render_png
+    from nacosae.lab.view import structure_view
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stats, stat_name = None, ""
-    if args.run:
-        from nacosae.lab.figures import load_config
-
-        cfg = load_config(json.loads((Path(args.run) / "config.json").read_text()))
-        model = build_model(cfg.model)
-        model.load_state_dict(load_file(Path(args.run) / f"seed{cfg.seeds[0]}" / "baseline.safetensors"))
-        layers = list(cfg.analyse_layers)
-    else:
-        torch.manual_seed(0)
-        width = args.width or (32 if args.model == "vit" else 8)
-        model = build_model(ModelConfig(kind=args.model, width=width))
-        layers = None
-    model.eval()
-    example = torch.zeros(1, 1, 28, 28)
-    graph = trace_model(model, example, method=args.trace)
-    if args.stat:
-        stats, stat_name = _stat(model, graph, args.stat, layers), args.stat
-    title = f"{graph.model_name}" + (f": units coloured by {stat_name}" if stat_name else "")
+    graph, stats, stat_name, title = structure_view(
+        None if args.run else args.model, args.stat, run_dir=args.run or None, n_probe=args.n_probe, width=args.width,
+        trace=args.trace,
+    )
     atomic_write_json(out / "structure.json", graph.to_dict())
     atomic_write_text(out / "structure.html", render_html(graph, stats, stat_name, title=title, hide=("param",)))
     render_png(graph, stats, out / "structure.png", stat_name, title=title, hide=("param",))
     print(graph.summary())
     print(f"wrote {out}/structure.json, structure.html, structure.png")
-
-
-def _stat(model, graph, stat: str, layers):
-    """Colour units with a statistic over Fashion-MNIST test images (MS uses raw pixels as the other 'encoder')."""
-    from nacosae.lab.data import load_fashion_mnist
-    from nacosae.lab.probe import layer_statistic
-
-    x, _ = load_fashion_mnist("test")
-    probe = x[:1000]
-    if layers is None:  # every post-activation module with units
-        layers = [n.name for n in graph.nodes if n.op == "module" and n.kind in ("ReLU", "GELU") and n.n_units]
-    # raw pixels, centred (non-negative vectors would give every pair a positive cosine), as the 'other encoder'
-    emb = probe.flatten(1) - probe.flatten(1).mean(0) if stat == "monosemanticity" else None
-    return layer_statistic(model, stat, layers, probe_x=probe, emb_NE=emb, x_one=probe[:1])
 
 
 def main(argv=None) -> None:
@@ -149,7 +116,8 @@ def main(argv=None) -> None:
     s.add_argument("--width", type=int, default=0, help="model width (0: the lab default)")
     s.add_argument("--run", default="", help="use the trained seed-0 baseline of this experiment folder instead")
     s.add_argument("--stat", default="", choices=("", "mean", "firing_rate", "dead", "attribution", "monosemanticity"),
-                   help="colour units by this statistic over 1,000 Fashion-MNIST test images (monosemanticity: against centred raw pixels)")
+                   help="colour units by this statistic over --n-probe Fashion-MNIST test images (monosemanticity: against centred raw pixels)")
+    s.add_argument("--n-probe", type=int, default=1000, help="test images the statistic is computed over (default 1000)")
     s.add_argument("--trace", default="auto", choices=("auto", "fx", "hooks"), help="tracing method")
     s.add_argument("--out", default="runs/structure", help="output folder")
     s.set_defaults(func=_structure)

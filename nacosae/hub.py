@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from pathlib import Path
 
-def hub_file(repo_id: str, filename: str, subfolder: str | None = None, revision: str | None = None, repo_type: str = "model") -> str:
-    """`hf_hub_download` with the Hub's exceptions turned into messages a user can act on."""
-    from huggingface_hub import hf_hub_download
+
+@contextmanager
+def _hub_errors(repo_id: str, repo_type: str, revision: str | None, what: str):
+    """Turn the Hub's exceptions into FileNotFoundErrors that say what to fix (one mapping for every download)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HFValidationError,
@@ -14,9 +17,8 @@ def hub_file(repo_id: str, filename: str, subfolder: str | None = None, revision
         RevisionNotFoundError,
     )
 
-    where = f"{repo_id}" + (f"/{subfolder}" if subfolder else "")
     try:
-        return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, repo_type=repo_type)
+        yield
     except HFValidationError as e:
         raise FileNotFoundError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({e})") from e
     except RepositoryNotFoundError as e:
@@ -24,14 +26,19 @@ def hub_file(repo_id: str, filename: str, subfolder: str | None = None, revision
     except RevisionNotFoundError as e:
         raise FileNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from e
     except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass of it
-        raise FileNotFoundError(f"cannot reach the Hub for {where}/{filename} and it is not in the local cache (offline?)") from e
+        raise FileNotFoundError(f"cannot reach the Hub for {what} and it is not in the local cache (offline?): "
+                                "pass a local folder instead") from e
     except EntryNotFoundError as e:
-        raise FileNotFoundError(f"Hub repo {where} has no file {filename!r}: wrong subfolder?") from e
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(f"cannot reach the Hub for {where}/{filename} and it is not in the local cache (offline?)") from e
+        raise FileNotFoundError(f"Hub repo {what} does not exist: wrong subfolder or file name?") from e
 
 
-from pathlib import Path  # noqa: E402 - for the helpers below (hub_file above is kept as it was)
+def hub_file(repo_id: str, filename: str, subfolder: str | None = None, revision: str | None = None, repo_type: str = "model") -> str:
+    """`hf_hub_download` with the Hub's exceptions turned into messages a user can act on."""
+    from huggingface_hub import hf_hub_download
+
+    what = f"{repo_id}/" + (f"{subfolder}/" if subfolder else "") + filename
+    with _hub_errors(repo_id, repo_type, revision, what):
+        return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, repo_type=repo_type)
 
 
 def repo_folder(path_or_repo_id: str, repo_type: str = "model", revision: str | None = None,
@@ -39,15 +46,7 @@ def repo_folder(path_or_repo_id: str, repo_type: str = "model", revision: str | 
     """A local folder with the repo's files: `path_or_repo_id` itself when it is a folder, else a Hub snapshot
     (`snapshot_download`, cached). Code that reads artifacts takes this folder, so a `--local-dir` copy and the Hub
     repo are read by the same code. Errors say what to fix."""
-    from pathlib import Path
-
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
@@ -56,18 +55,9 @@ def repo_folder(path_or_repo_id: str, repo_type: str = "model", revision: str | 
         raise FileNotFoundError(f"{path_or_repo_id!r} is a file, not a folder or a Hub repo id")
     if str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") > 1:
         raise FileNotFoundError(f"no folder {path_or_repo_id!r} (and it does not look like a Hub repo id 'owner/name')")
-    try:
+    with _hub_errors(str(path_or_repo_id), repo_type, revision, f"{repo_type} repo {path_or_repo_id!r}"):
         return Path(snapshot_download(str(path_or_repo_id), repo_type=repo_type, revision=revision,
                                       allow_patterns=allow_patterns))
-    except HFValidationError as e:
-        raise FileNotFoundError(f"{path_or_repo_id!r} is neither a local folder nor a valid Hub repo id ({e})") from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"no Hub {repo_type} repo {path_or_repo_id!r} (or it is private: set HF_TOKEN)") from e
-    except RevisionNotFoundError as e:
-        raise FileNotFoundError(f"Hub repo {path_or_repo_id!r} has no revision {revision!r}") from e
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(f"cannot reach the Hub for {repo_type} repo {path_or_repo_id!r} and it is not in the "
-                                "local cache (offline?): pass a local folder instead") from e
 
 
 def hub_file_or_none(repo_id: str, filename: str, repo_type: str = "model", revision: str | None = None) -> str | None:
