@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[SAE, dict[str, Any]]
     def on_step(step):
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < n_steps:
             _save_checkpoint(ckpt, sae, optimizer, dead, step + 1)
-            atomic_write_text(history_path, "".join(json.dumps(r) + "\n" for r in history))
+            _write_history(history_path, history)
 
     # A resumed run draws a fresh, seeded data order from its step on: batches are not replayed.
     batches = store.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + start_step, rows=train_rows, device=cfg.device)
@@ -250,7 +250,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[SAE, dict[str, Any]]
         "lr": lr,
     }
     sae.save_pretrained(out / "sae")
-    atomic_write_text(history_path, "".join(json.dumps(r) + "\n" for r in history))
+    _write_history(history_path, history)
     plot_curves(history, out / "curves.png", title=f"{Path(cfg.store).name} · {cfg.activation} k={cfg.k} · d_sae={d_sae}")
     atomic_write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -299,6 +299,10 @@ def _load_checkpoint(ckpt: Path, lr: float, device: str):
     dead = DeadLatentTracker(sae.cfg.d_sae, state["dead_after_rows"], device)
     dead.rows_since_fire_S.copy_(tensors["dead.rows_since_fire"].long())
     return sae, optimizer, dead, int(state["step"])
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
