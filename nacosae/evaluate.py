@@ -682,7 +682,7 @@ class NamingRun:
                                for c in state.candidates]}
 
     def _name_baseline(self, method: str, j: int) -> dict:
-        from nacosae.naming.baselines import random_word_names, top_label_names
+        from nacosae.naming.baselines import VocabularyNamer, random_word_names, top_label_names
 
         if method == "top_label":
             labels = [self.probe_record(i)["label"] for i, _ in self.stats.top_images(j) if self.probe_record(i).get("label")]
@@ -691,8 +691,10 @@ class NamingRun:
         elif method == "random":
             # seeded per feature, so the word does not depend on which rank names which features
             name = random_word_names(self.vocab.words, 1, seed=_seed_of(self.cfg.mils_seed, "random", j))[0]
-        elif method == "vocab":
-            raise ValueError(f"vocabulary naming does not apply to this SAE: {self.vocab_applicable()[1]}")
+        elif method == "vocab":  # Discover-then-Name; the vocabulary's text embeddings are computed once per run
+            if "vocab" not in self._proposers:
+                self._proposers["vocab"] = VocabularyNamer(self.sae, self.backbone, self.vocab.words, layer=self.layer)
+            name = self._proposers["vocab"].name([j])[0][0]
         else:
             raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
         return {"feature": j, "method": method, "name": name}

@@ -28,9 +28,22 @@ __all__ = [
 
 
 def _as_tensor(x, name: str) -> Tensor:
+    """`x` as a tensor of real, finite numbers: the one input check of every metric here.
+
+    Raises TypeError for other dtypes and ValueError for NaN or ±inf (a NaN cannot be ranked, and an inf turns a mean
+    or a standard deviation into inf or NaN, so CoSy's MAD, FVU and MS would come out as 0, inf or NaN without a word).
+    """
     t = torch.as_tensor(x)
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8, torch.bool)):
         raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    if t.is_floating_point():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            n_nan = int(torch.isnan(t).sum())
+            raise ValueError(f"{name} contains {int(bad.sum())} non-finite values ({n_nan} NaN, {int(bad.sum()) - n_nan} ±inf), "
+                             f"the first at index {first}: metrics need finite activations; check the encoder outputs "
+                             "(an overflow in float16/bfloat16, or a NaN in the backbone)")
     return t
 
 
@@ -194,8 +207,6 @@ def cosy_scores_batched(a_syn_NF, a_ctrl_MF) -> tuple[Tensor, Tensor]:
         raise ValueError(f"CoSy needs at least 1 generated and 2 control images (the unbiased std needs 2), got {N} and {M}")
     a_syn_FN = a_syn_NF.to(torch.float64).T.contiguous()
     a_ctrl_FM = a_ctrl_MF.to(torch.float64).T.contiguous()
-    if torch.isnan(a_syn_FN).any() or torch.isnan(a_ctrl_FM).any():
-        raise ValueError("activations contain NaN: CoSy cannot rank them; check the encoder outputs")
     ctrl_sorted_FM = a_ctrl_FM.sort(dim=1).values
     below_FN = torch.searchsorted(ctrl_sorted_FM, a_syn_FN, side="left")  # ctrl < syn
     below_or_tied_FN = torch.searchsorted(ctrl_sorted_FM, a_syn_FN, side="right")  # ctrl ≤ syn
@@ -234,8 +245,6 @@ def _check_ms_inputs(acts_NS) -> Tensor:
     acts_NS = _as_tensor(acts_NS, "acts_NS")
     if acts_NS.ndim != 2 or acts_NS.shape[0] < 2:
         raise ValueError(f"acts_NS must be (N, S) with N ≥ 2 images (MS sums over pairs), got {tuple(acts_NS.shape)}")
-    if torch.isnan(acts_NS).any():
-        raise ValueError("acts_NS contains NaN: check the encoder outputs")
     return acts_NS
 
 

@@ -239,11 +239,14 @@ class SAE(nn.Module):
         return SAEOutput(x_hat_BD, codes_BS, fvu, aux_loss, sparsity_loss, recon_loss + aux_loss + sparsity_loss, l0)
 
     def _batchtopk_train(self, pre_BS: Tensor) -> Tensor:
-        """Keep the k·B largest positive pre-activations of the batch; track the smallest kept one for inference."""
+        """Keep the k·B largest positive pre-activations of the batch; in training mode only, track the smallest kept
+        one for inference (an eval-mode forward, e.g. a validation pass, must not move the inference threshold)."""
         B = pre_BS.shape[0]
         relu_BS = F.relu(pre_BS)
         vals, idx = relu_BS.flatten().topk(min(self.cfg.k * B, relu_BS.numel()))
         codes_BS = torch.zeros_like(relu_BS).flatten().scatter(0, idx, vals).view_as(relu_BS)
+        if not self.training:
+            return codes_BS
         with torch.no_grad():
             kept = vals[vals > 0]
             if kept.numel():

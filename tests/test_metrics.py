@@ -135,6 +135,31 @@ def test_cosy_rejects_bad_input():
         cosy_scores_batched(np.zeros((3, 2)), np.zeros((3, 3)))
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_every_metric_refuses_non_finite_activations(bad):
+    """One check for all: an inf would make CoSy's MAD 0 or inf, FVU inf and MS NaN without a word."""
+    x = torch.randn(8, 4)
+    x_bad = x.clone()
+    x_bad[2, 1] = bad
+    calls = {
+        "cosy (generated)": lambda: cosy_scores([1.0, bad], [0.0, 1.0, 2.0]),
+        "cosy (control)": lambda: cosy_scores([1.0, 2.0], [0.0, bad, 2.0]),
+        "cosy batched": lambda: cosy_scores_batched(x_bad[:3], x[3:]),
+        "fvu (x)": lambda: fvu(x_bad, x),
+        "fvu (x_hat)": lambda: fvu(x, x_bad),
+        "l0": lambda: l0(x_bad),
+        "running": lambda: RunningSAEMetrics().update(x, x, codes_BS=x_bad),
+        "ms (acts)": lambda: monosemanticity_score(x_bad, torch.randn(8, 3)),
+        "ms (embeddings)": lambda: monosemanticity_score(x, torch.randn(8, 3).index_put_((torch.tensor(0), torch.tensor(0)),
+                                                                                         torch.tensor(bad))),
+        "ms pairwise": lambda: monosemanticity_score_pairwise(x_bad, torch.randn(8, 3)),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match="non-finite") as e:
+            call()
+        assert ("(1 NaN, 0 ±inf)" if math.isnan(bad) else "(0 NaN, 1 ±inf)") in str(e.value), what
+
+
 # ------------------------------------------------------------------------------------------------ Monosemanticity Score
 def test_ms_hand_computed():
     emb = torch.tensor([[0.3, -0.2], [1.0, 0.0], [0.0, 2.0], [0.6, 0.8]], dtype=torch.float64)  # rows 1..3 unit after normalising

@@ -88,3 +88,113 @@ def test_every_openclipart_image_gets_a_description():
     rels = [p.relative_to(OPENCLIPART_DIR) for p in sorted(OPENCLIPART_DIR.rglob("*.png"))[::50]]
     descs = [openclipart_bank_description(r) for r in rels]
     assert all(d and "architetto" not in d for d in descs)
+
+
+# -- Discover-then-Name (METHODS §3.2) on a tiny random CLIP built from a config -------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A transformers CLIPModel with random weights, its tokenizer (letters only) and image processor, saved to disk
+    and loaded the way a user loads a Hub CLIP (`load_backbone("hf:<folder>")`)."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from nacosae.backbones import load_backbone
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c: i + 2 for i, c in enumerate(letters)})
+    vocab.update({c + "</w>": i + 28 for i, c in enumerate(letters)})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return load_backbone(f"hf:{folder}")
+
+
+WORDS = ["cat", "dog", "tree", "car", "house", "striped", "bird", "boat"]
+
+
+def _sae_on(backbone, layer, d_sae=6):
+    import torch
+
+    from nacosae.sae import SAE, SAEConfig
+
+    torch.manual_seed(1)
+    return SAE(SAEConfig(d_in=backbone.d(layer), d_sae=d_sae, k=2, input_scale=2.5,
+                         provenance=backbone.provenance(layer, "all")))
+
+
+def test_vocab_names_features_of_an_sae_on_clips_image_embedding(tiny_clip):
+    import torch
+    import torch.nn.functional as F
+
+    from nacosae.naming.baselines import VocabularyNamer, vocabulary_names
+
+    sae = _sae_on(tiny_clip, "embedding")
+    assert sae.cfg.d_in == 16  # the projection width: where the text embeddings live
+    text = tiny_clip.encode_text(WORDS)
+    with torch.no_grad():  # plant: feature 0 points at "tree", feature 1 at "boat" (scaled: only the direction counts)
+        sae.W_dec[0] = 7.0 * text[2]
+        sae.W_dec[1] = 0.3 * text[7] + 0.01 * torch.randn(16)
+    names = vocabulary_names(sae, tiny_clip, WORDS)  # layer from the SAE's provenance
+    assert len(names) == 6
+    assert names[0][0] == "tree" and names[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert names[1][0] == "boat" and names[1][1] > 0.9
+    cos = F.normalize(sae.W_dec.detach(), dim=-1) @ text.T  # the rest: the word of highest cosine, by hand
+    for j in range(2, 6):
+        assert names[j] == (WORDS[int(cos[j].argmax())], pytest.approx(float(cos[j].max()), abs=1e-5))
+    namer = VocabularyNamer(sae, tiny_clip, WORDS)
+    assert namer.name([5, 0]) == [names[5], names[0]]  # any subset, in the order asked; embeddings computed once
+    with pytest.raises(ValueError, match="out of 0..5"):
+        namer.name([6])
+
+
+def test_vocab_refuses_what_is_not_in_the_text_space(tiny_clip):
+    import torch
+
+    from nacosae.backbones import ModuleBackbone
+    from nacosae.naming.baselines import vocabulary_names
+
+    mid = _sae_on(tiny_clip, "encoder.layers.1")
+    with pytest.raises(ValueError, match="not on layer 'encoder.layers.1'.*intermediate layers"):
+        vocabulary_names(mid, tiny_clip, WORDS)
+    emb = _sae_on(tiny_clip, "embedding")
+    with pytest.raises(ValueError, match="non-empty vocabulary"):
+        vocabulary_names(emb, tiny_clip, [])
+    wide = _sae_on(tiny_clip, "encoder.layers.1")  # 32-d, claiming to be on the embedding
+    with pytest.raises(ValueError, match="32-d activations but the text encoder gives 16-d"):
+        vocabulary_names(wide, tiny_clip, WORDS, layer="embedding")
+    cnn = ModuleBackbone(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()), name="cnn")
+    with pytest.raises(ValueError, match="vision-only"):
+        vocabulary_names(emb, cnn, WORDS, layer="embedding")
+
+
+def test_vocab_refuses_a_vision_only_clip_checkpoint(tmp_path):
+    """A CLIPVisionModelWithProjection has `encode_text` (same backbone class) but no text tower: a ValueError that says
+    so, not the AttributeError from inside the backbone."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from nacosae.backbones import load_backbone
+    from nacosae.naming.baselines import vocabulary_names
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    vision = load_backbone(f"hf:{tmp_path}")
+    with pytest.raises(ValueError, match="vision-only"):
+        vocabulary_names(_sae_on(vision, "embedding"), vision, WORDS)

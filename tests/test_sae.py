@@ -50,6 +50,22 @@ def test_batchtopk_inference_does_not_depend_on_batch():
         assert torch.allclose(alone, in_batch, atol=1e-5)
 
 
+def test_batchtopk_threshold_moves_only_in_training_mode():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, activation="batchtopk", k=4))
+    x = torch.randn(64, 16)
+    sae(x)  # training mode (the default): estimates the threshold
+    before = sae.threshold.clone()
+    sae.eval()
+    with torch.no_grad():
+        sae(10 * torch.randn(32, 16))
+    sae(torch.randn(32, 16))  # eval mode with grad enabled: still fixed
+    assert torch.equal(sae.threshold, before)
+    sae.train()
+    sae(10 * torch.randn(32, 16))
+    assert not torch.equal(sae.threshold, before)
+
+
 def test_untrained_batchtopk_refuses_to_encode():
     sae = SAE(SAEConfig(d_in=4, d_sae=8, activation="batchtopk", k=2))
     with pytest.raises(RuntimeError, match="threshold"):
