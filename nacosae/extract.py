@@ -4,6 +4,9 @@ Image i of the source (in its fixed order, first `max_images`) gets global index
 slice [i_r, i_{r+1}) with i_r = r·N // W and writes shards over consecutive chunks of `shard_rows // T` images of it,
 each chunk cut into batches of `batch_size`. Chunk and batch boundaries depend only on (N, W, the resume point),
 so a resumed run recomputes exactly the batches the killed run would have: same rows, same numbers.
+
+Several (layer, tokens) targets share one pass (`extract_many`): each image is decoded, preprocessed and run through
+the backbone once, and each target has its own store with its own shard grid, progress files and resume point.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -137,6 +141,26 @@ def _source_skipped(source: Any) -> list[dict[str, Any]]:
     return [{"image_idx": None, "path": str(path), "reason": str(reason)} for path, reason in getattr(source, "skipped", [])]
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One store of an extraction: the activations of `layer` with token choice `tokens`, written to `out_dir`."""
+
+    layer: str
+    tokens: str
+    out_dir: str | os.PathLike
+
+
+def store_dirs(root: str | os.PathLike, targets: Sequence[tuple[str, str]]) -> list[Path]:
+    """The folder of each (layer, tokens) store of a many-layer extraction under `root`: `root/LAYER`, or
+    `root/LAYER-TOKENS` for a layer asked with several token choices (so `--layer blocks.14,features` gives the
+    stores runs/acts/blocks.14 and runs/acts/features). Raises ValueError for a repeated (layer, tokens) pair."""
+    targets = [tuple(t) for t in targets]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"a (layer, tokens) pair is asked twice in {targets}: list each once")
+    n_choices = Counter(layer for layer, _ in targets)
+    return [Path(root) / (layer if n_choices[layer] == 1 else f"{layer}-{tokens}") for layer, tokens in targets]
+
+
 def extract(
     source: Any,
     backbone: Any,
@@ -169,9 +193,46 @@ def extract(
     layer, tokens, dtype or image list is an error. Unreadable images are skipped and listed in meta.json ('skipped').
     Returns the finished store; None on a rank whose peers (launched without torch.distributed) are still running,
     in which case the last rank to finish completes the store (or call `finalize_store(out_dir)`).
+    Several layers at once, from one forward pass per image: `extract_many`.
+    """
+    return extract_many(source, backbone, [Target(layer, tokens, out_dir)], batch_size=batch_size, shard_rows=shard_rows,
+                        dtype=dtype, max_images=max_images, rank=rank, world_size=world_size, num_workers=num_workers,
+                        device=device, progress=progress)[0]
+
+
+def extract_many(
+    source: Any,
+    backbone: Any,
+    targets: Sequence[Target | tuple[str, str, str | os.PathLike]],
+    batch_size: int = 32,
+    shard_rows: int = 2**16,
+    dtype: str = "float16",
+    max_images: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[ActivationStore | None]:
+    """`extract` for several (layer, tokens, out_dir) targets at once: each image is decoded and preprocessed once and
+    runs through the backbone once (`backbone.activations_multi`, which stops after the deepest asked layer), and
+    every target gets its own store, equal to the one `extract` would write for it alone (the same shards, the same
+    rows up to the rounding of the storage dtype).
+
+    Each store resumes on its own: a run killed between two stores' shard writes recomputes, on re-run, only the
+    images some store still lacks, and a store already complete is not recomputed (so adding a layer to a finished
+    run costs the forward passes of the new layer only). Arguments as `extract`; returns one store (or None) per target.
     """
     import torch.distributed as dist
 
+    targets = [t if isinstance(t, Target) else Target(*t) for t in targets]
+    if not targets:
+        raise ValueError("no targets: pass at least one (layer, tokens, out_dir)")
+    if len({(t.layer, t.tokens) for t in targets}) != len(targets):
+        raise ValueError(f"a (layer, tokens) pair is asked twice in {[(t.layer, t.tokens) for t in targets]}: list each once")
+    dirs = [Path(t.out_dir).resolve() for t in targets]
+    if len(set(dirs)) != len(dirs):
+        raise ValueError(f"two targets write into the same folder ({[str(d) for d in dirs]}): give each its own out_dir")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if batch_size <= 0 or shard_rows <= 0:
@@ -180,7 +241,6 @@ def extract(
         raise ValueError(f"max_images must be positive or None, got {max_images}")
     rank, world_size = resolve_rank(rank, world_size)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    out_dir = Path(out_dir)
 
     records = source.records() if _random_access(source) else None
     n_source = len(records) if records is not None else (len(source) if hasattr(source, "__len__") else None)
@@ -191,97 +251,166 @@ def extract(
         raise ValueError(f"nothing to extract: the source has {n_source} images")
     if records is not None:
         records = records[:n_images]
-    run = {"provenance": backbone.provenance(layer, tokens), "dtype": dtype, "n_images_total": n_images,
-           "source": _source_id(source, records), "world_size": world_size}
-
-    meta_path = out_dir / META_NAME
-    if meta_path.exists():
-        meta = _read_json(meta_path, "store metadata")
-        if meta.get("complete"):
-            # Finished already: any world size may reopen it, but never with other activations.
-            check_same_run(out_dir, meta, run, keys=("provenance", "dtype", "n_images_total", "source"))
-            return ActivationStore(out_dir)
+    source_id = _source_id(source, records)
 
     start, stop = rank_slice(n_images, rank, world_size)
-    writer = StoreWriter(out_dir, run, rank, start, stop)
-    if not writer.done:
+    jobs, complete = [], []
+    for t in targets:
+        out_dir = Path(t.out_dir)
+        run = {"provenance": backbone.provenance(t.layer, t.tokens), "dtype": dtype, "n_images_total": n_images,
+               "source": source_id, "world_size": world_size}
+        meta_path = out_dir / META_NAME
+        if meta_path.exists():
+            meta = _read_json(meta_path, "store metadata")
+            if meta.get("complete"):
+                # Finished already: any world size may reopen it, but never with other activations.
+                check_same_run(out_dir, meta, run, keys=("provenance", "dtype", "n_images_total", "source"))
+                complete.append(True)
+                continue
+        complete.append(False)
+        writer = StoreWriter(out_dir, run, rank, start, stop)
+        if not writer.done:
+            jobs.append(_Job(t, writer))
+    if all(complete):
+        return [ActivationStore(t.out_dir) for t in targets]
+
+    if jobs:
         if records is not None:
             dataset = _Images(source, records, backbone.preprocess)
             make_loader = lambda batches: DataLoader(dataset, batch_sampler=batches, collate_fn=_collate,  # noqa: E731
                                                      num_workers=num_workers)
         else:
             make_loader = lambda batches: _iterable_batches(source, backbone.preprocess, batches)  # noqa: E731
-        _extract_slice(make_loader, backbone, layer, tokens, writer, stop, batch_size, shard_rows, dtype, device, progress)
-        writer.mark_done(_source_skipped(source))
+        _extract_slice(make_loader, backbone, jobs, stop, batch_size, shard_rows, dtype, device, progress)
+        for job in jobs:
+            job.writer.mark_done(_source_skipped(source))
 
     if distributed:
         dist.barrier()
         if rank == 0:
-            finalize_store(out_dir)
+            for t in targets:
+                finalize_store(t.out_dir)
         dist.barrier()
-        return ActivationStore(out_dir)
-    return ActivationStore(out_dir) if finalize_store(out_dir) else None
+        return [ActivationStore(t.out_dir) for t in targets]
+    return [ActivationStore(t.out_dir) if finalize_store(t.out_dir) else None for t in targets]
 
 
-def _extract_slice(make_loader, backbone, layer, tokens, writer: StoreWriter, stop: int, batch_size: int, shard_rows: int,
-                   dtype: str, device, progress: bool) -> None:
-    """Run this rank's remaining images [writer.next_image, stop) through the backbone, one shard at a time."""
-    begin = writer.next_image
+def _activations(backbone, pixels_BCHW: torch.Tensor, targets: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+    """The targets' (B, T, D) activations: one pass through `activations_multi` when the backbone has it and there
+    are several targets, else one `activations` call per target (any object with `activations` works)."""
+    if len(targets) > 1 and callable(getattr(backbone, "activations_multi", None)):
+        return backbone.activations_multi(pixels_BCHW, targets)
+    return [backbone.activations(pixels_BCHW, layer, tokens) for layer, tokens in targets]
+
+
+class _Job:
+    """One target's side of the loop: its writer, where it resumes, and the rows of its shard being filled."""
+
+    def __init__(self, target: Target, writer: StoreWriter):
+        self.target, self.writer = target, writer
+        self.begin = writer.next_image  # first image this store still needs
+        self.T = writer.state["tokens_per_image"]
+        self.images_per_shard = self.shard_end = None
+        self.acts, self.img_ids, self.rows, self.skipped = [], [], [], []
+
+    @property
+    def layer_tokens(self) -> tuple[str, str]:
+        return self.target.layer, self.target.tokens
+
+    def shard_ends(self, stop: int) -> list[int]:
+        """This store's shard ends: the fixed grid image_start + m·images_per_shard, and the slice's end."""
+        first = self.writer.state["image_start"]
+        return [*range(first + self.images_per_shard, stop, self.images_per_shard), stop]
+
+    def add(self, acts_BTD: torch.Tensor, positions: list[int], batch_rows: list[dict], store_dtype, dtype: str) -> None:
+        T = self.T
+        if acts_BTD.ndim != 3 or acts_BTD.shape[0] != len(batch_rows) or acts_BTD.shape[1] != T:
+            raise StoreError(f"backbone returned activations of shape {tuple(acts_BTD.shape)} at {self.layer_tokens} for "
+                             f"{len(batch_rows)} images; expected (B, T={T}, D)")
+        stored_BTD = acts_BTD.to("cpu", store_dtype)
+        if not torch.isfinite(stored_BTD).all():
+            raise StoreError(f"non-finite activations at {self.layer_tokens} for images {positions[0]}..{positions[-1]} in "
+                             f"{dtype}: the backbone gives NaN/inf, or values beyond float16's ±65504 (then use "
+                             "dtype='bfloat16' or 'float32')")
+        self.acts.append(stored_BTD)
+        self.img_ids += [r["image_idx"] for r in batch_rows]
+        self.rows += batch_rows
+
+    def flush(self, stop: int, store_dtype) -> None:
+        """Write the shard of images [writer.next_image, shard_end) and move to the next one."""
+        if self.acts:
+            acts_NTD = torch.cat(self.acts)
+            n, T, D = acts_NTD.shape
+            image_idx_N = torch.tensor(self.img_ids, dtype=torch.int64).repeat_interleave(T)
+            token_idx_N = torch.arange(T, dtype=torch.int32).repeat(n)
+            self.writer.write_shard(acts_NTD.reshape(n * T, D), image_idx_N, token_idx_N, self.rows, self.shard_end,
+                                    self.skipped)
+        else:  # every image of this chunk was skipped: record that, write no shard
+            empty = torch.empty(0)
+            self.writer.write_shard(torch.empty(0, 0, dtype=store_dtype), empty, empty, [], self.shard_end, self.skipped)
+        self.acts, self.img_ids, self.rows, self.skipped = [], [], [], []
+        self.shard_end = min(self.shard_end + self.images_per_shard, stop)
+
+
+def _extract_slice(make_loader, backbone, jobs: list[_Job], stop: int, batch_size: int, shard_rows: int, dtype: str,
+                   device, progress: bool) -> None:
+    """Run this rank's remaining images through the backbone once, each batch for every store that still needs it,
+    each store writing its shards as they fill."""
+    jobs = [job for job in jobs if job.begin < stop]  # a store killed after its last shard only needs mark_done
+    if not jobs:
+        return
+    begin = min(job.begin for job in jobs)
+    first = jobs[0].writer.state["image_start"]
     store_dtype = DTYPES[dtype]
-    bar = tqdm(total=stop - writer.state["image_start"], initial=begin - writer.state["image_start"], unit="img",
-               desc=f"extract rank {writer.rank}", disable=not progress)
+    rank = jobs[0].writer.rank
+    bar = tqdm(total=stop - first, initial=begin - first, unit="img", disable=not progress,
+               desc=f"extract rank {rank}" + (f" ({len(jobs)} stores)" if len(jobs) > 1 else ""))
     # Shards are fixed chunks of image indices of shard_rows // T images. T comes from the shards already written,
     # else from one image (run again in the loop: simpler than special-casing it, and one image is cheap).
-    T = writer.state["tokens_per_image"] or _probe_tokens(make_loader, backbone, layer, tokens, begin, stop, device)
-    images_per_shard = max(1, shard_rows // T)
-    batches = []
-    for s in range(begin, stop, images_per_shard):
-        e = min(s + images_per_shard, stop)
+    unknown = [job for job in jobs if not job.T]
+    if unknown:
+        probed = _probe_tokens(make_loader, backbone, [job.layer_tokens for job in unknown],
+                               min(job.begin for job in unknown), stop, device)
+        for job, T in zip(unknown, probed, strict=True):
+            job.T = T
+    for job in jobs:
+        job.images_per_shard = max(1, shard_rows // job.T)
+        job.shard_end = next(e for e in job.shard_ends(stop) if e > job.begin)
+    # A batch never straddles any store's shard end (or resume point): batches are cut from the union of the stores'
+    # fixed grids, so they depend only on (N, W, the grids, the resume point). A resumed run recomputes exactly the
+    # batches the killed run would have, and one store alone is cut exactly as `extract` cuts it.
+    cuts = sorted({e for job in jobs for e in job.shard_ends(stop) if e > begin} | {job.begin for job in jobs} - {begin})
+    batches, s = [], begin
+    for e in cuts:
         batches += [list(range(b, min(b + batch_size, e))) for b in range(s, e, batch_size)]
+        s = e
 
-    acts, img_ids, rows, skipped = [], [], [], []
-    shard_end = min(begin + images_per_shard, stop)
     with torch.inference_mode():
         for positions, batch_rows, pixels_BCHW, batch_skipped in make_loader(batches):
+            live = [job for job in jobs if positions[0] >= job.begin]
             if pixels_BCHW is not None:
-                acts_BTD = backbone.activations(pixels_BCHW.to(device), layer, tokens)
-                if acts_BTD.ndim != 3 or acts_BTD.shape[0] != len(batch_rows) or acts_BTD.shape[1] != T:
-                    raise StoreError(f"backbone returned activations of shape {tuple(acts_BTD.shape)} for {len(batch_rows)} "
-                                     f"images; expected (B, T={T}, D)")
-                stored_BTD = acts_BTD.to("cpu", store_dtype)
-                if not torch.isfinite(stored_BTD).all():
-                    raise StoreError(f"non-finite activations for images {positions[0]}..{positions[-1]} in {dtype}: the "
-                                     "backbone gives NaN/inf, or values beyond float16's ±65504 (then use dtype='bfloat16' "
-                                     "or 'float32')")
-                acts.append(stored_BTD)
-                img_ids += [r["image_idx"] for r in batch_rows]
-                rows += batch_rows
-            skipped += batch_skipped
+                outs = _activations(backbone, pixels_BCHW.to(device), [job.layer_tokens for job in live])
+                for job, acts_BTD in zip(live, outs, strict=True):
+                    job.add(acts_BTD, positions, batch_rows, store_dtype, dtype)
             bar.update(len(positions))
-            if positions[-1] + 1 == shard_end:
-                if acts:
-                    acts_NTD = torch.cat(acts)
-                    n, _, D = acts_NTD.shape
-                    image_idx_N = torch.tensor(img_ids, dtype=torch.int64).repeat_interleave(T)
-                    token_idx_N = torch.arange(T, dtype=torch.int32).repeat(n)
-                    writer.write_shard(acts_NTD.reshape(n * T, D), image_idx_N, token_idx_N, rows, shard_end, skipped)
-                else:  # every image of this chunk was skipped: record that, write no shard
-                    empty = torch.empty(0)
-                    writer.write_shard(torch.empty(0, 0, dtype=store_dtype), empty, empty, [], shard_end, skipped)
-                bar.set_postfix(shards=len(writer.state["shards"]), skipped=len(writer.state["skipped"]))
-                acts, img_ids, rows, skipped = [], [], [], []
-                shard_end = min(shard_end + images_per_shard, stop)
+            for job in live:
+                job.skipped += batch_skipped
+                if positions[-1] + 1 == job.shard_end:
+                    job.flush(stop, store_dtype)
+            bar.set_postfix(shards=sum(len(job.writer.state["shards"]) for job in jobs),
+                            skipped=len(jobs[0].writer.state["skipped"]))
     bar.close()
-    if writer.next_image != stop:
-        raise StoreError(f"rank {writer.rank} stopped at image {writer.next_image} of {stop}: the source yielded fewer "
-                         "images than it said")
+    for job in jobs:
+        if job.writer.next_image != stop:
+            raise StoreError(f"rank {rank} stopped at image {job.writer.next_image} of {stop} for {job.layer_tokens}: the "
+                             "source yielded fewer images than it said")
 
 
-def _probe_tokens(make_loader, backbone, layer, tokens, begin: int, stop: int, device) -> int:
-    """Tokens per image T, from the first readable image of this rank's slice."""
+def _probe_tokens(make_loader, backbone, targets: list[tuple[str, str]], begin: int, stop: int, device) -> list[int]:
+    """Tokens per image T of each target, from the first readable image of this rank's slice (one forward pass)."""
     for i in range(begin, stop):
         for _, _, pixels_BCHW, _ in make_loader([[i]]):
             if pixels_BCHW is not None:
                 with torch.inference_mode():
-                    return int(backbone.activations(pixels_BCHW[:1].to(device), layer, tokens).shape[1])
-    return 1  # no readable image in the slice: every chunk is empty, so its size does not matter
+                    return [int(a.shape[1]) for a in _activations(backbone, pixels_BCHW[:1].to(device), targets)]
+    return [1] * len(targets)  # no readable image in the slice: every chunk is empty, so its size does not matter

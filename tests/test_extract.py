@@ -26,9 +26,9 @@ def images(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("imgs"), 41, bad={6, 30})
 
 
-def run(images, out, **kw):
-    kw = {"batch_size": 3, "shard_rows": 80, "progress": False, **kw}  # 5 images (80 rows) per shard
-    return extract(folder_source(images), tiny_backbone(), "conv2", "spatial", out, **kw)
+def run(images, out, layer="conv2", tokens="spatial", **kw):
+    kw = {"batch_size": 3, "shard_rows": 80, "progress": False, **kw}  # 5 images (80 rows) per shard of conv2 spatial
+    return extract(folder_source(images), tiny_backbone(), layer, tokens, out, **kw)
 
 
 def shard_tensors(store):
@@ -298,3 +298,133 @@ def test_resume_needs_the_same_number_of_processes(images, tmp_path):
         run(images, out)
     with pytest.raises(StoreError, match=r"layer.*'conv2'.*'conv1'"):
         extract(folder_source(images), tiny_backbone(), "conv1", "spatial", out, rank=0, world_size=2, progress=False)
+
+
+# ---------------------------------------------------------------- many layers per pass
+MANY = [("conv2", "spatial"), ("conv1", "spatial"), ("conv2", "mean")]  # T = 16, 64, 1: three different shard grids
+
+
+def count_work(bb, src):
+    """Forward passes (batch sizes, one entry per pass, counted at the model itself) and image decodes from now on."""
+    bb.provenance("conv2", "spatial")
+    bb.provenance("conv1", "spatial")
+    passes, loads = [], []
+    bb.model.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    real_load = src.load
+    src.load = lambda record: loads.append(record.path) or real_load(record)
+    return passes, loads
+
+
+def many(images, root, targets=MANY, src=None, bb=None, **kw):
+    kw = {"batch_size": 3, "shard_rows": 80, "progress": False, **kw}
+    from nacosae.extract import Target, extract_many, store_dirs
+
+    dirs = store_dirs(root, targets)
+    return extract_many(src or folder_source(images), bb or tiny_backbone(), [Target(*t, d) for t, d in zip(targets, dirs)], **kw)
+
+
+@pytest.fixture(scope="module")
+def singles(images, tmp_path_factory):
+    """Each target of MANY extracted on its own, as `extract` does."""
+    root = tmp_path_factory.mktemp("singles")
+    return [run(images, root / f"{layer}-{tokens}", layer=layer, tokens=tokens) for layer, tokens in MANY]
+
+
+def test_store_dirs_names_a_folder_per_layer():
+    from nacosae.extract import store_dirs
+
+    assert store_dirs("r", [("a", "spatial"), ("b", "mean")]) == [Path("r/a"), Path("r/b")]
+    assert store_dirs("r", MANY) == [Path("r/conv2-spatial"), Path("r/conv1"), Path("r/conv2-mean")]
+    with pytest.raises(ValueError, match="twice"):
+        store_dirs("r", [("a", "mean"), ("a", "mean")])
+
+
+def test_many_layers_from_one_pass_and_one_decode_per_image(images, singles, tmp_path):
+    src, bb = folder_source(images), tiny_backbone()
+    passes, loads = count_work(bb, src)
+    stores = many(images, tmp_path, src=src, bb=bb)
+    # Probe (one image), then every readable image once; batches are cut at the union of the three shard grids.
+    assert len(loads) == 1 + 41 and sorted(set(loads)) == sorted(map(str, images))
+    assert passes[0] == 1 and sum(passes[1:]) == 39
+    for store, single in zip(stores, singles, strict=True):
+        assert same_rows(store, single)
+        assert [(s["image_start"], s["image_stop"]) for s in store.shards] == \
+               [(s["image_start"], s["image_stop"]) for s in single.shards]  # each store keeps its own shard grid
+        assert store.meta["skipped"] == single.meta["skipped"] and store.images == single.images
+        assert store.provenance == single.provenance
+    assert stores[0].path.name == "conv2-spatial" and len(stores[2]) == 39 and stores[2].tokens_per_image == 1
+
+
+def test_many_resume_each_store_from_its_own_point(images, singles, tmp_path):
+    """A power cut at image 23 leaves conv2 spatial (5 images a shard) at 20, conv1 (1 a shard) at 23 and the mean
+    store (80 a shard) at 0; the rerun redoes each store's missing images only, and every store equals `extract`'s."""
+    with pytest.raises(RuntimeError, match="power cut"):
+        many(images, tmp_path, src=PowerCut(images, at=23))
+    at = {d: json.loads((tmp_path / d / "progress/rank000.json").read_text())["next_image"]
+          for d in ("conv2-spatial", "conv1", "conv2-mean")}
+    assert at == {"conv2-spatial": 20, "conv1": 23, "conv2-mean": 0}
+    src, bb = folder_source(images), tiny_backbone()
+    passes, loads = count_work(bb, src)
+    stores = many(images, tmp_path, src=src, bb=bb)
+    # The mean store has no shard yet, so its T is probed on one image; then images 0..40 once (two skipped).
+    assert len(loads) == 1 + 41 and passes[0] == 1 and sum(passes[1:]) == 39
+    for store, single in zip(stores, singles, strict=True):
+        assert same_rows(store, single)
+        assert store.meta["skipped"] == single.meta["skipped"] and store.images == single.images
+    # A finished store is not touched: adding a target to a finished run extracts the new target alone.
+    stamps = [[(store.path / sh["file"]).stat().st_mtime_ns for sh in store.shards] for store in stores]
+    src, bb = folder_source(images), tiny_backbone()
+    bb.provenance("relu", "mean")
+    passes, loads = count_work(bb, src)
+    more = many(images, tmp_path, targets=[*MANY, ("relu", "mean")], src=src, bb=bb)
+    assert len(loads) == 1 + 41 and sum(passes[1:]) == 39 and more[3].path.name == "relu" and len(more[3]) == 39
+    assert all(m.meta == s.meta for m, s in zip(more, stores))
+    assert stamps == [[(store.path / sh["file"]).stat().st_mtime_ns for sh in store.shards] for store in stores]
+
+
+def test_many_targets_are_checked(images, tmp_path):
+    with pytest.raises(ValueError, match="twice"):
+        many(images, tmp_path, targets=[("conv2", "mean"), ("conv2", "mean")])
+    from nacosae.extract import extract_many
+
+    with pytest.raises(ValueError, match="same folder"):
+        extract_many(folder_source(images), tiny_backbone(), [("conv1", "mean", tmp_path / "x"), ("conv2", "mean", tmp_path / "x")])
+    with pytest.raises(ValueError, match="unknown layer"):
+        many(images, tmp_path, targets=[("conv2", "mean"), ("conv9", "mean")])
+
+
+def test_activations_multi_equals_single_calls(effnet):
+    from nacosae.images import SkimageSource
+
+    pixels = torch.stack([effnet.preprocess(img) for _, img in SkimageSource(["astronaut", "coffee"])])
+    targets = [("blocks.14", "spatial"), ("features", "mean"), ("blocks.3", "spatial"), ("features", "spatial")]
+    got = effnet.activations_multi(pixels, targets)
+    for (layer, tokens), acts in zip(targets, got, strict=True):
+        assert torch.equal(acts, effnet.activations(pixels, layer, tokens)), (layer, tokens)
+
+
+def test_cli_many_layers_sigkill_then_rerun_resumes(photos, effnet, tmp_path):
+    """The CLI with two layers (one pass), killed after some shards, then re-run: both stores equal `extract`'s."""
+    out = tmp_path / "acts"
+    argv, env = cli("--source", f"folder:{photos}", "--out", out, *BASE, "--layer", "features")
+    proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "blocks.14" / "progress" / "rank000.json"
+    deadline = time.time() + 120
+    n_shards = 0
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists():
+            n_shards = len(json.loads(progress.read_text())["shards"])
+            if n_shards >= 2:
+                break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= n_shards < 12, "the run should have been killed part-way"
+    res = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for layer in ("blocks.14", "features"):
+        ref = extract(FolderSource(photos), effnet, layer, "spatial", tmp_path / "ref" / layer, batch_size=4,
+                      shard_rows=49 * 4, progress=False)
+        store = ActivationStore(out / layer)
+        assert store.provenance == ref.provenance and store.images == ref.images
+        assert same_rows(store, ref)
