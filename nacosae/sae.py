@@ -27,7 +27,9 @@ from nacosae.io import atomic_save_safetensors, atomic_write_json
 from nacosae.kernels import TopKWorkspace, resolve_matmul_dtype, topk_autoencoder
 
 SCHEMA_VERSION = 1
-ACTIVATIONS = ("topk", "batchtopk", "relu")
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "topk_signed")
+TRAINABLE_ACTIVATIONS = ("topk", "batchtopk", "relu")
+"""nacosae trains these; "jumprelu" and "topk_signed" come only from other libraries' checkpoints (`nacosae.interop`)."""
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
@@ -44,7 +46,10 @@ class SAEConfig:
     d_sae: int
     """Number of latents (dictionary size)."""
     activation: str = "topk"
-    """'topk' (k per input), 'batchtopk' (k·B per batch in training, a learned threshold at inference) or 'relu' (L1)."""
+    """'topk' (k per input), 'batchtopk' (k·B per batch in training, a learned threshold at inference) or 'relu' (L1).
+    Inference only, for SAEs imported from other libraries (`nacosae.interop`): 'jumprelu' (f = relu(pre) where
+    pre > θ_s, one threshold per latent) and 'topk_signed' (the k largest pre-activations kept as they are, negative
+    ones included: saev's TopK)."""
     k: int = 32
     """Active latents per input for topk/batchtopk (mean, for batchtopk)."""
     l1_coeff: float = 1e-3
@@ -67,7 +72,7 @@ class SAEConfig:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation != "relu" and not 0 < self.k <= self.d_sae:
+        if self.activation in ("topk", "batchtopk", "topk_signed") and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be in 1..d_sae={self.d_sae}, got {self.k}")
         sizes = tuple(int(m) for m in self.matryoshka_sizes)
         object.__setattr__(self, "matryoshka_sizes", sizes)
@@ -144,8 +149,9 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec_SD.clone())  # a copy: a shared view breaks save/load
         self.b_enc = nn.Parameter(torch.zeros(S, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(D, device=device, dtype=dtype))
-        # BatchTopK's inference threshold (scaled space); -1 = not yet estimated.
-        self.register_buffer("threshold", torch.tensor(-1.0, device=device, dtype=dtype))
+        # BatchTopK's inference threshold (scaled space); -1 = not yet estimated. JumpReLU: one threshold per latent (S,).
+        threshold = torch.zeros(S) if cfg.activation == "jumprelu" else torch.tensor(-1.0)
+        self.register_buffer("threshold", threshold.to(device=device, dtype=dtype))
         self.fast_topk: bool = True
         """Training forward of a TopK SAE without Matryoshka prefixes runs `nacosae.kernels.topk_autoencoder`
         (sparse decoder, sparse backward, no dense codes); False: the dense reference path below."""
@@ -184,6 +190,11 @@ class SAE(nn.Module):
             if self.threshold.item() < 0:
                 raise RuntimeError("this BatchTopK SAE has no inference threshold yet: train it first")
             codes_BS = torch.where(pre_BS > self.threshold, pre_BS, 0.0)
+        elif self.cfg.activation == "jumprelu":
+            codes_BS = torch.where(pre_BS > self.threshold, F.relu(pre_BS), 0.0)
+        elif self.cfg.activation == "topk_signed":
+            vals_BK, idx_BK = pre_BS.topk(self.cfg.k, dim=-1, sorted=False)
+            codes_BS = torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK)
         else:
             codes_BS = F.relu(pre_BS)
         return codes_BS.reshape(*lead, self.cfg.d_sae)
@@ -201,6 +212,9 @@ class SAE(nn.Module):
 
         `matmul_dtype` overrides `self.matmul_dtype` for this call (fast TopK path only)."""
         cfg = self.cfg
+        if cfg.activation not in TRAINABLE_ACTIVATIONS:
+            raise ValueError(f"activation {cfg.activation!r} is for SAEs imported from other libraries (inference only); "
+                             f"nacosae trains {TRAINABLE_ACTIVATIONS}")
         x_BD = x_BD.to(self.W_enc.dtype) / cfg.input_scale
         if self.fast_topk and cfg.activation == "topk" and not cfg.matryoshka_sizes and self.W_enc.dtype == torch.float32:
             return self._forward_fast_topk(x_BD, dead_mask_S, self.matmul_dtype if matmul_dtype is None else matmul_dtype)
@@ -322,7 +336,18 @@ class SAE(nn.Module):
         device: str | torch.device = "cpu",
         expected_d_in: int | None = None,
     ) -> "SAE":
-        """Load from a local folder or a Hub repo id (+ subfolder), like `from_pretrained` elsewhere on the Hub."""
+        """Load from a local folder or a Hub repo id (+ subfolder), like `from_pretrained` elsewhere on the Hub.
+
+        A local file or folder in another library's format (saev, SAELens, sparsify, dictionary_learning) is read by
+        `nacosae.interop.load_foreign_sae` (Overcomplete checkpoints need its hints: call it directly)."""
+        local = Path(path_or_repo_id) / (subfolder or "")
+        if local.exists() and not (local / WEIGHTS_NAME).is_file():
+            from nacosae.interop import load_foreign_sae  # only when the checkpoint is not nacosae's own
+
+            sae = load_foreign_sae(local, device=device)
+            if expected_d_in is not None and sae.cfg.d_in != expected_d_in:
+                raise CheckpointError(f"this SAE reads d_in={sae.cfg.d_in} activations but the layer gives {expected_d_in}: wrong layer or backbone?")
+            return sae
         config_path, weights_path = _resolve_files(path_or_repo_id, subfolder, revision)
         try:
             raw = json.loads(Path(config_path).read_text())
@@ -338,7 +363,7 @@ class SAE(nn.Module):
             raise CheckpointError(f"this SAE reads d_in={cfg.d_in} activations but the layer gives {expected_d_in}: wrong layer or backbone?")
         tensors = _load_tensors(weights_path)
         S, D = cfg.d_sae, cfg.d_in
-        expected = {"W_enc": (S, D), "b_enc": (S,), "W_dec": (S, D), "b_dec": (D,), "threshold": ()}
+        expected = {"W_enc": (S, D), "b_enc": (S,), "W_dec": (S, D), "b_dec": (D,), "threshold": (S,) if cfg.activation == "jumprelu" else ()}
         missing = sorted(set(expected) - set(tensors))
         if missing:
             raise CheckpointError(f"{weights_path} lacks tensors {missing}")

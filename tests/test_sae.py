@@ -183,6 +183,6 @@ def test_bad_repo_id_gives_clear_error(monkeypatch):
 
 def test_config_checks():
     with pytest.raises(ValueError, match="activation"):
-        SAEConfig(d_in=8, d_sae=16, activation="jumprelu")
+        SAEConfig(d_in=8, d_sae=16, activation="gelu")
     with pytest.raises(ValueError, match="k must be"):
         SAEConfig(d_in=8, d_sae=16, k=0)
