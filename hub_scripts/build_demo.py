@@ -6,7 +6,8 @@ its results in the Hub dataset layout, with small thumbnails, so the app opens w
     python hub_scripts/build_demo.py --results runs/results/blocks.14  # with names, CoSy, MS, MILS history
 
 Every feature comes from the feature statistics (names `unnamed`, `name_top_label` = the majority label of its top
-images); the rows of a results dataset, when there is one (it may cover only the named features), replace theirs.
+images); the rows of a results dataset, when there is one (it may cover only the named features), replace theirs,
+and the named sections of its card (the evaluation protocol) go into the demo's card.
 A results dataset made with another SAE (other width, other training run) is refused.
 Output: OUT/sae/<sae_id>/{model.safetensors,config.json,metrics.json} + OUT/sae/README.md, and
 OUT/results/{README.md,data/<table>/*.parquet}: the same files `publish_sae.py` / `publish_results.py` upload.
@@ -28,6 +29,8 @@ def folder_size(path: Path) -> int:
 
 
 def main(argv=None):
+    from nacosae.results import THUMBNAIL_FORMATS
+
     defaults = json.loads((REPO / "space_config" / "defaults.json").read_text())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/offline_default", help="offline-default run folder (default: %(default)s)")
@@ -37,20 +40,21 @@ def main(argv=None):
     ap.add_argument("--out", default="demo", help="output folder (default: %(default)s)")
     ap.add_argument("--top-n", type=int, default=9, help="top images kept per feature (default: %(default)s)")
     ap.add_argument("--max-px", type=int, default=112, help="thumbnail size (default: %(default)s)")
-    ap.add_argument("--image-format", choices=["webp", "png"], default="webp",
-                    help="thumbnail encoding (default: %(default)s, ~4x smaller than PNG on clip art)")
+    ap.add_argument("--image-format", choices=list(THUMBNAIL_FORMATS), default="webp",
+                    help="thumbnail encoding (nacosae.results.thumbnail_bytes; default: %(default)s, ~4x smaller than "
+                    "PNG on clip art)")
     ap.add_argument("--renders-per-feature", type=int, default=2,
                     help="MILS prompts per feature whose render images are kept (default: %(default)s)")
     ap.add_argument("--max-mb", type=float, default=10.0, help="fail when the bundle is larger (default: %(default)s)")
     args = ap.parse_args(argv)
 
     from nacosae.features import FeatureStats
-    from nacosae.publish import (
+    from nacosae.publish import load_sae_entry, publish_results, publish_saes
+    from nacosae.results import (
+        CARD,
         ValidationError,
-        load_sae_entry,
+        carried_sections,
         overlay_results,
-        publish_results,
-        publish_saes,
         read_results_folder,
         shrink_results,
         tables_from_stats,
@@ -72,6 +76,7 @@ def main(argv=None):
         sys.exit(f"{T} tokens per image is not a square grid: this script handles CNN maps and ViT patch grids only")
     tables = tables_from_stats(stats, store_images, entry.config, entry.metrics, entry.sae_id, (side, side),
                                top_n=args.top_n, max_px=args.max_px)
+    carried: dict[str, str] = {}
     if has_results:
         extra = read_results_folder(results)
         print(f"results dataset {results}: {extra['features'].num_rows} feature rows replace the statistics-only ones")
@@ -79,10 +84,13 @@ def main(argv=None):
             tables = overlay_results(tables, extra)
         except ValidationError as e:
             sys.exit(str(e))
+        card = results / CARD
+        carried = carried_sections(card.read_text(encoding="utf-8") if card.is_file() else None, [entry.sae_id])
     else:
         print(f"no results dataset at {results}: names are the top label only")
     tables = shrink_results(tables, args.top_n, args.max_px, args.renders_per_feature, args.image_format)
-    publish_results(tables, defaults["results_repo"], local_dir=out / "results", sae_repo=defaults["sae_repo"])
+    publish_results(tables, defaults["results_repo"], local_dir=out / "results", sae_repo=defaults["sae_repo"],
+                    carried=carried)
     size = folder_size(out)
     print(f"demo bundle: {out} ({size / 1e6:.1f} MB): sae {folder_size(out / 'sae') / 1e6:.1f} MB, "
           f"results {folder_size(out / 'results') / 1e6:.1f} MB; features {tables['features'].num_rows}, images {tables['images'].num_rows}")

@@ -8,7 +8,8 @@
 --results folders (each in the dataset layout: data/<table>/*.parquet) are concatenated (several SAEs in one dataset).
 --from-stats builds the tables from a run's feature statistics alone (names: top label only) when no naming run exists.
 The tables are validated (columns, cross-references, images decodable) before anything is written; the upload is one
-commit that also removes the previous parquet shards. The dataset card keeps its hand-written parts.
+commit that also removes the previous parquet shards. The dataset card keeps its hand-written parts, and the named
+sections of each --results folder's own card (the evaluation protocol build_results.py wrote) are published with it.
 """
 
 import argparse
@@ -38,18 +39,25 @@ def main(argv=None):
     if bool(args.results) == bool(args.from_stats):
         sys.exit("give --results folder(s) or --from-stats RUN, not both")
 
-    from nacosae.publish import (
+    from nacosae.publish import load_sae_entry, publish_results
+    from nacosae.results import (
+        CARD,
         ValidationError,
+        carried_sections,
         concat_results,
-        load_sae_entry,
-        publish_results,
         read_results_folder,
         tables_from_stats,
     )
 
+    carried: dict[str, str] = {}
     try:
         if args.results:
-            tables = concat_results([read_results_folder(r) for r in args.results])
+            parts = [read_results_folder(r) for r in args.results]
+            tables = concat_results(parts)
+            for folder, part in zip(args.results, parts):  # e.g. "protocol <sae_id>": how that run's names were evaluated
+                card = Path(folder) / CARD
+                carried.update(carried_sections(card.read_text(encoding="utf-8") if card.is_file() else None,
+                                                sorted(set(part["runs"].column("sae_id").to_pylist()))))
         else:
             from nacosae.features import FeatureStats
 
@@ -63,7 +71,8 @@ def main(argv=None):
             tables = tables_from_stats(stats, images, entry.config, entry.metrics, entry.sae_id, (side, side),
                                        top_n=args.top_n, max_px=args.max_px)
         out = publish_results(tables, args.repo_id, local_dir=args.local_dir, sae_repo=args.sae_repo,
-                              private=args.private or None, rows_per_shard=args.rows_per_shard, dry_run=args.dry_run)
+                              private=args.private or None, rows_per_shard=args.rows_per_shard, dry_run=args.dry_run,
+                              carried=carried)
     except (ValidationError, FileNotFoundError) as e:
         sys.exit(f"not published: {e}")
     rows = {t: tables[t].num_rows for t in tables}

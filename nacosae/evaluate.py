@@ -976,7 +976,7 @@ def assemble_results(run: NamingRun, all_features: bool = False, image_loader: C
     image a row refers to (top images, MILS renders, CoSy renders), as ≤ 224 px PNG. Summary: the comparison tables,
     MS summary and settings (also stored as the runs row's `evaluation_json`).
     """
-    from nacosae.results import image_png
+    from nacosae.results import thumbnail_bytes
 
     cfg, stats = run.cfg, run.stats
     names = {m: run.names(m) for m in METHODS}
@@ -1048,7 +1048,7 @@ def assemble_results(run: NamingRun, all_features: bool = False, image_loader: C
     for iid, ref in tqdm(sorted(wanted.items()), desc="images", unit="img", disable=not run.progress):
         rec = by_ref.get(ref)
         desc, lab = bank_info.get(ref, (None, None))
-        images.append({"image_id": iid, "image": {"bytes": image_png(load(ref)), "path": None},
+        images.append({"image_id": iid, "image": {"bytes": thumbnail_bytes(load(ref)), "path": None},
                        "kind": "probe" if rec else "bank",
                        "label": rec.get("label") if rec else lab, "description": rec.get("description") if rec else desc,
                        "source": rec.get("source") if rec else "openclipart", "prompt": None, "seed": None, "generator": None})
@@ -1165,7 +1165,8 @@ all pairs) would score {ms['uniform_weights_ms']:.3f}.
 Images: Open Clip Art Library (public domain) and scikit-image sample images (see scikit-image's data licences).
 Names, scores and statistics: Apache-2.0, like nacosae.
 """
-    return dataset_card(body, extra_yaml="license: other\ntags:\n- sparse-autoencoder\n- interpretability\n- feature-naming")
+    return dataset_card(body, extra_yaml="license: other\ntags:\n- sparse-autoencoder\n- interpretability\n- feature-naming",
+                        section_name=f"protocol {summary['sae_id']}")  # a named section: publishing keeps it
 
 
 def missing_work(run: NamingRun) -> list[str]:

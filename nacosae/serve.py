@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nacosae.publish import UNNAMED, history_columns, name_methods, read_results_folder
+from nacosae.results import UNNAMED, history_columns, name_methods, read_results_folder
 
 SORTS = ("score", "frequency", "max activation", "monosemanticity", "feature")
 """score: the CoSy AUC of the published name, then MS, then top-image label purity, then frequency (descending)."""
@@ -194,11 +194,11 @@ class Explorer:
         try:
             folder = repo_folder(source.results_repo, "dataset", source.revision)
             tables = read_results_folder(folder)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # ValueError: tables that do not fit the results schema
             raise ServeError(f"cannot load the results dataset {source.results_repo!r}: {e}") from e
         self.features = tables["features"]
-        self.methods = name_methods(self.features.schema.names)
-        self.histories = history_columns(self.features.schema.names)
+        self.methods = name_methods(self.features)  # the methods and MILS loops this dataset has results of
+        self.histories = history_columns(self.features)
         self.images = tables["images"]
         self.runs = {r["sae_id"]: r for r in tables["runs"].to_pylist()}
         self._image_row = {k: i for i, k in enumerate(self.images.column("image_id").to_pylist())}

@@ -198,3 +198,50 @@ def test_vocab_refuses_a_vision_only_clip_checkpoint(tmp_path):
     vision = load_backbone(f"hf:{tmp_path}")
     with pytest.raises(ValueError, match="vision-only"):
         vocabulary_names(_sae_on(vision, "embedding"), vision, WORDS)
+
+
+@pytest.mark.skipif(not OPENCLIPART_DIR.is_dir(), reason="Debian openclipart-png not installed")
+def test_a_naming_run_names_features_with_vocab(tiny_clip, tmp_path):
+    """The naming stage end to end (`NamingRun.name_features("vocab")`, what name_features.py runs): ~20 Open Clip Art
+    images through the tiny CLIP's image embedding into a store, a random SAE on it, its statistics; every selected
+    feature gets the vocabulary word nearest its decoder row. Before, the vocab method always raised."""
+    import torch
+
+    from nacosae.evaluate import NamingRun, NamingRunConfig
+    from nacosae.extract import extract
+    from nacosae.features import FeatureStatsConfig, compute_feature_stats
+    from nacosae.images import ImageRecord, ImageSource, load_rgb
+    from nacosae.naming.baselines import vocabulary_names
+    from nacosae.sae import SAE, SAEConfig
+
+    class Files(ImageSource):
+        name = "openclipart"
+
+        def __init__(self, paths):
+            super().__init__()
+            self.paths = paths
+
+        def records(self):
+            return [ImageRecord(image_id=f"openclipart/{p.relative_to(OPENCLIPART_DIR)}", source="openclipart", path=str(p),
+                                label=p.relative_to(OPENCLIPART_DIR).parts[0], description=p.stem.replace("_", " "))
+                    for p in self.paths]
+
+        def _open(self, record):
+            return load_rgb(record.path)
+
+    paths = []
+    for c in ("animals", "food", "tools"):
+        paths += sorted((OPENCLIPART_DIR / c).rglob("*.png"))[:400:50]
+    store = extract(Files(paths), tiny_clip, "embedding", "all", tmp_path / "acts", batch_size=12, progress=False)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=store.d, d_sae=8, k=2, provenance=dict(store.provenance))).init_from_data(store.sample(12))
+    sae.save_pretrained(tmp_path / "sae")
+    compute_feature_stats(sae, store.iter_images(12), FeatureStatsConfig(top_n=4), out_dir=tmp_path / "stats", progress=False)
+    cfg = NamingRunConfig(sae=str(tmp_path / "sae"), stats=str(tmp_path / "stats"), store=str(tmp_path / "acts"),
+                          n_features=3, min_fires=1, n_control=4, gemma_features=0, ms_images=8)
+    run = NamingRun(cfg, tmp_path / "work", progress=False, backbone=tiny_clip, thumb_dir=tmp_path / "thumbs")
+    assert run.vocab_applicable() == (True, "")
+    records = run.name_features("vocab")
+    assert sorted(records) == sorted(run.features) and len(records) == 3
+    want = vocabulary_names(run.sae, tiny_clip, run.vocab.words, features=run.features)
+    assert [records[j]["name"] for j in run.features] == [w for w, _ in want]

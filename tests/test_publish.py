@@ -13,21 +13,19 @@ import torch
 from PIL import Image
 
 from nacosae.features import FeatureStatsAccumulator, FeatureStatsConfig
-from nacosae.publish import (
-    GEN_END,
-    GEN_START,
+from nacosae.publish import load_sae_entry, publish_results, publish_saes, upload_staged, validate_sae_repo
+from nacosae.results import (
     ValidationError,
-    load_sae_entry,
-    publish_results,
-    publish_saes,
+    card_sections,
+    dataset_card,
+    overlay_results,
     read_results_folder,
     shrink_results,
     split_front_matter,
     tables_from_stats,
-    upload_staged,
-    validate_results_repo,
+    validate_results_folder,
     validate_results_tables,
-    validate_sae_repo,
+    write_results_tables,
 )
 from nacosae.sae import SAE, SAEConfig
 
@@ -105,7 +103,7 @@ def test_card_update_keeps_hand_edits(run, tmp_path):
     # a person adds metadata, text above and below the generated block, and edits inside it
     meta["license"] = "apache-2.0"
     meta["tags"].append("my-tag")
-    inside = body.split(GEN_START)[1].split(GEN_END)[0]
+    inside = body.split("<!-- nacosae:section overview -->")[1].split("<!-- nacosae:end overview -->")[0]
     edited_body = "Intro by hand.\n" + body.replace(inside, inside + "\nedited inside\n") + "\nOutro by hand.\n"
     import yaml
 
@@ -154,6 +152,7 @@ def test_results_dataset_loads_with_load_dataset(run, tables, tmp_path):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "README.md", "data/features/part-00000.parquet", "data/images/part-00000.parquet", "data/runs/part-00000.parquet"]
     feats = load_dataset(str(out), "features", split="train")
+    assert load_dataset(str(out), split="train")["feature"] == feats["feature"]  # features: the default config
     images = load_dataset(str(out), "images", split="train")
     runs = load_dataset(str(out), "runs", split="train")
     assert len(feats) == 16 and len(runs) == 1 and runs[0]["sae_id"] == SID and runs[0]["d_sae"] == 16
@@ -162,6 +161,7 @@ def test_results_dataset_loads_with_load_dataset(run, tables, tmp_path):
     assert isinstance(images[0]["image"], Image.Image) and max(images[0]["image"].size) <= 32
     f5 = feats[5]
     assert f5["top_image_ids"] == ["test/0.png", "test/1.png", "test/4.png"]  # top_n=3 of the four planted images
+    assert f5["name_method"] is None and f5["unnamed_reason"] is None and feats[3]["unnamed_reason"] == "dead"
     assert f5["top_activations"] == pytest.approx([4.0, 3.0, 2.0]) and f5["name_top_label"] == "cat" and f5["name"] == "unnamed"
     assert f5["top_heatmaps"][0] == pytest.approx([4.0, 0, 0, 0]) and (f5["grid_h"], f5["grid_w"]) == (2, 2)
     assert f5["image_frequency"] == pytest.approx(0.4) and sum(f5["hist_counts"]) == 4
@@ -171,7 +171,7 @@ def test_results_dataset_loads_with_load_dataset(run, tables, tmp_path):
     assert all(i in by_id for r in feats for i in r["top_image_ids"])
     for j in range(16):  # the frequencies are the stats' own
         assert feats[j]["image_frequency"] == pytest.approx(float(stats.image_frequency_S[j]))
-    assert validate_results_repo(out)["rows"] == {"features": 16, "images": len(images), "runs": 1}
+    assert validate_results_folder(out)["rows"] == {"features": 16, "images": len(images), "runs": 1}
 
 
 def _corrupt(tables, table, column, fn):
@@ -268,7 +268,7 @@ def test_build_demo_script_writes_both_repos(run, tmp_path):
                           "--top-n", "2"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert validate_sae_repo(out / "sae") == [SID]
-    summary = validate_results_repo(out / "results")
+    summary = validate_results_folder(out / "results")
     assert summary["sae_ids"] == [SID]
     tables = read_results_folder(out / "results")
     assert max(len(x) for x in tables["features"].column("top_image_ids").to_pylist()) == 2
@@ -297,7 +297,6 @@ def _named_extra(tables):
 
 
 def test_overlay_results_and_the_app_reads_them(run, tables, tmp_path):
-    from nacosae.publish import overlay_results
     from nacosae.serve import Source, open_explorer
 
     merged = overlay_results(tables, _named_extra(tables))
@@ -316,7 +315,7 @@ def test_overlay_results_and_the_app_reads_them(run, tables, tmp_path):
     publish_saes([load_sae_entry(root / "sae" / "blocks.14" / "sae")], "me/saes", local_dir=tmp_path / "sae")
     publish_results(merged, "me/results", local_dir=tmp_path / "results")
     ex = open_explorer(Source(str(tmp_path / "sae"), str(tmp_path / "results")))
-    assert ex.methods == ["mils", "top_label", "mils_gemma"] and ex.histories == ["mils_history", "mils_gemma_history"]
+    assert ex.methods == ["mils", "mils_gemma", "top_label"] and ex.histories == ["mils_history", "mils_gemma_history"]
     top = ex.browse(SID, sort="score")
     assert top["feature"].iloc[0] == 5 and top["CoSy AUC"].iloc[0] == 0.9 and top["MS"].iloc[0] == 0.42
     assert ex.browse(SID, "kitten")["feature"].tolist() == [5]  # search covers every method's name
@@ -348,4 +347,41 @@ def test_space_deploy_assembles_the_space_repo(tmp_path):
     assert json.loads((out / "space_config" / "defaults.json").read_text())["sae_repo"] == "me/saes"
     assert (out / "packages.txt").read_text().split() == ["openclipart-png"]
     assert (out / "nacosae" / "serve.py").is_file() and not list(out.rglob("__pycache__"))
-    assert validate_results_repo(out / "demo" / "results")["sae_ids"] == validate_sae_repo(out / "demo" / "sae")
+    assert validate_results_folder(out / "demo" / "results")["sae_ids"] == validate_sae_repo(out / "demo" / "sae")
+
+
+def test_the_protocol_section_reaches_the_published_card(run, tables, tmp_path):
+    """build_results.py writes the evaluation protocol into the results folder's card; publishing it (the script, as a
+    user runs it) must carry that section, keep hand edits of the target's card, and keep both on a later publish."""
+    root, *_ = run
+    results = tmp_path / "results"
+    write_results_tables(tables, results)
+    protocol = "## How names were evaluated\n- Control: 10 images.\n- threshold 0.7"
+    (results / "README.md").write_text(dataset_card("# Named features\n" + protocol, section_name=f"protocol {SID}"))
+    hub = tmp_path / "hub"
+    cmd = [sys.executable, str(ROOT / "hub_scripts" / "publish_results.py"), "--results", str(results), "--local-dir",
+           str(hub), "--repo-id", "me/results"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    sections = card_sections((hub / "README.md").read_text())
+    assert list(sections) == ["overview", f"protocol {SID}"] and protocol in sections[f"protocol {SID}"]
+    # a person edits the published card; a later publish (statistics only: nothing to carry) keeps both
+    card = (hub / "README.md").read_text().replace("<!-- nacosae:section overview -->", "Curated by hand.\n\n"
+                                                   "<!-- nacosae:section overview -->")
+    (hub / "README.md").write_text(card)
+    res = subprocess.run([sys.executable, str(ROOT / "hub_scripts" / "publish_results.py"), "--from-stats", str(root),
+                          "--local-dir", str(hub), "--repo-id", "me/results", "--max-px", "32"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    text = (hub / "README.md").read_text()
+    assert "Curated by hand." in text and protocol in card_sections(text)[f"protocol {SID}"]
+    assert validate_results_folder(hub)["sae_ids"] == [SID]
+
+    # the upload path stages the same card (dry run: the folder that would be uploaded)
+    staged = publish_results(tables, "me/results", local_dir=hub, dry_run=True, carried={"protocol other": "text"})
+    try:
+        assert set(card_sections((staged / "README.md").read_text())) == {"overview", f"protocol {SID}", "protocol other"}
+    finally:
+        import shutil
+
+        shutil.rmtree(staged)

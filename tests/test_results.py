@@ -1,11 +1,46 @@
-"""The results dataset: written in the Hub layout, read back with `datasets.load_dataset(folder, "<table>")`."""
+"""The results dataset: one schema declaration, written in the Hub layout, read back with `datasets.load_dataset`,
+validated, and a card of named sections that keeps what it does not regenerate."""
 
+import io
 import math
+import re
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from nacosae.results import METHODS, MILS_METHODS, TABLES, dataset_card, image_png, load_results, table_schema, write_results
+from nacosae.results import (
+    IMAGE_KINDS,
+    IMAGE_SPLITS,
+    METHODS,
+    MILS_METHODS,
+    SCHEMA,
+    TABLES,
+    THUMBNAIL_FORMATS,
+    UNNAMED_REASONS,
+    ValidationError,
+    arrow_schema,
+    card_sections,
+    carried_sections,
+    dataset_card,
+    load_results,
+    merge_card,
+    name_methods,
+    read_results_folder,
+    results_card,
+    section,
+    split_front_matter,
+    table_schema,
+    thumbnail_bytes,
+    validate_results_folder,
+    write_results,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = (ROOT / "docs" / "RESULTS_SCHEMA.md").read_text()
+DEMO = ROOT / "demo" / "results"
 
 
 def _feature_row(j, name="striped cat", **kw):
@@ -16,6 +51,7 @@ def _feature_row(j, name="striped cat", **kw):
         "top_activations": [3.0, 2.5], "top_heatmaps": [[0.0] * 48 + [3.0], [2.5] + [0.0] * 48], "grid_h": 7, "grid_w": 7,
         "name": name, "name_method": "mils", "name_mils": name, "cosy_auc_mils": 0.8125, "cosy_mad_mils": 1.5,
         "cosy_render_ids_mils": ["img/b"], "name_random": "kettle", "cosy_auc_random": 0.5, "cosy_mad_random": 0.0,
+        "candidate_name": name, "name_split_score": 0.75, "name_cosy_auc": 0.8125, "name_cosy_mad": 1.5,
         "ms": 0.25, "ms_encoder": "efficientnet-lite0/pooled",
         "mils_history": [{"iteration": 0, "prompt": "cat", "score": 0.5, "render_ids": ["img/a"]},
                          {"iteration": 1, "prompt": "striped cat", "score": 0.75, "render_ids": ["img/a", "img/b"]}],
@@ -26,9 +62,12 @@ def _feature_row(j, name="striped cat", **kw):
 
 
 def _images():
-    return [{"image_id": "img/a", "image": image_png(Image.new("RGB", (448, 300), (200, 10, 10))), "kind": "probe",
+    return [{"image_id": "img/a", "image": thumbnail_bytes(Image.new("RGB", (448, 300), (200, 10, 10))), "kind": "probe",
              "label": "animals", "description": "a red cat", "source": "openclipart"},
-            {"image_id": "img/b", "image": Image.new("RGB", (64, 64), (0, 0, 255)), "kind": "bank", "label": "animals"}]
+            {"image_id": "img/b", "image": Image.new("RGB", (64, 64), (0, 0, 255)), "kind": "bank", "label": "animals",
+             "split": "eval", "family": "animals"},
+            {"image_id": "emoji/cat", "image": thumbnail_bytes(Image.new("RGB", (72, 72), (250, 200, 0)), fmt="webp"),
+             "kind": "emoji", "split": "search", "family": "animal-mammal", "description": "cat face"}]
 
 
 RUN = {"sae_id": "efficientnet-lite0/blocks.14", "backbone": "efficientnet-lite0", "layer": "blocks.14", "tokens": "spatial",
@@ -36,18 +75,58 @@ RUN = {"sae_id": "efficientnet-lite0/blocks.14", "backbone": "efficientnet-lite0
        "val_l0": 24.0, "val_dead_fraction": 0.0, "n_train_rows": 1000, "provenance_json": "{}", "evaluation_json": "{}"}
 
 
+def _unnamed_row(j):
+    """The pipeline chose a name, but its held-out AUC is below the threshold: the candidate and its scores stay."""
+    return _feature_row(j, name="unnamed", name_method=None, unnamed_reason="below_threshold", candidate_name="kettle",
+                        name_cosy_auc=0.55, name_split_score=0.6, mils_history=None)
+
+
 @pytest.fixture
 def written(tmp_path):
-    rows = [_feature_row(3), _feature_row(7, name="unnamed", name_method=None, mils_history=None)]
+    rows = [_feature_row(3), _unnamed_row(7)]
     out = write_results(tmp_path / "ds", rows, _images(), [RUN])
     return out, rows
 
 
+# ------------------------------------------------------------------------------------------------ one schema
+def test_one_declaration_makes_both_schemas():
+    import datasets
+
+    for t in TABLES:
+        arrow = arrow_schema(t)
+        assert arrow.names == [c.name for c in SCHEMA[t]]
+        features = table_schema(t)
+        assert list(features) == arrow.names
+        # the datasets features are the arrow schema's own, with the image column decoded as an image
+        derived = datasets.Features.from_arrow_schema(pa.schema(list(arrow)))
+        for name, feat in features.items():
+            if isinstance(feat, datasets.Image):
+                assert t == "images" and name == "image"
+            else:
+                assert feat == derived[name], name
+        # and what datasets would write for these features is exactly the declared arrow schema
+        assert features.arrow_schema.remove_metadata().equals(arrow.remove_metadata()), t
+
+
+def test_the_schema_doc_lists_every_column_and_value():
+    """docs/RESULTS_SCHEMA.md and the declaration must not drift: every column (per-method ones by their template)."""
+    for t in TABLES:
+        for col in SCHEMA[t]:
+            name = col.name
+            for m in sorted(METHODS, key=len, reverse=True):  # templated per-method columns
+                name = re.sub(rf"^(name|cosy_auc|cosy_mad|cosy_render_ids)_{m}$", r"\1_<method>", name)
+                name = re.sub(rf"^{m}_(history|scores_by_iteration)$", r"<m>_\1", name)
+            assert name in DOC, f"{t}.{col.name} is not in docs/RESULTS_SCHEMA.md"
+    for value in (*METHODS, *IMAGE_KINDS, *IMAGE_SPLITS, *UNNAMED_REASONS):
+        assert f"`{value}`" in DOC, value
+
+
+# ------------------------------------------------------------------------------------------------ write and read back
 def test_round_trip_with_load_dataset(written, tmp_path):
     out, rows = written
     assert sorted(p.name for p in (out / "data").iterdir()) == sorted(TABLES)
     ds = load_results(out, "features", cache_dir=tmp_path / "hf")
-    assert len(ds) == 2 and set(ds.column_names) == set(table_schema("features"))
+    assert len(ds) == 2 and ds.column_names == [c.name for c in SCHEMA["features"]]
     for got, want in zip(ds, rows):
         for k, v in want.items():
             if isinstance(v, float):
@@ -60,56 +139,170 @@ def test_round_trip_with_load_dataset(written, tmp_path):
         assert f"name_{m}" in first and f"cosy_auc_{m}" in first
     for m in MILS_METHODS:
         assert f"{m}_history" in first
-    assert first["name_mils_gemma"] is None and first["cosy_auc_top_label"] is None and first["mils_gemma_history"] is None
+    assert first["name_pool_mils"] is None and first["cosy_auc_top_label"] is None and first["pool_mils_history"] is None
+    assert first["unnamed_reason"] is None and ds[1]["unnamed_reason"] == "below_threshold"
+    assert ds[1]["candidate_name"] == "kettle" and ds[1]["name_cosy_auc"] == pytest.approx(0.55)
 
     import datasets
 
     direct = datasets.load_dataset(str(out), "features", split="train", cache_dir=str(tmp_path / "hf2"))
     assert direct["feature"] == [3, 7]
+    # the parquet files carry exactly the declared schema
+    for t in TABLES:
+        for f in (out / "data" / t).glob("*.parquet"):
+            assert pq.read_schema(f).remove_metadata().equals(arrow_schema(t).remove_metadata())
+
+
+def test_load_dataset_without_a_config_name_reads_features(written, tmp_path):
+    """What a Hub user types first; it raised "Config name is missing" without a default config."""
+    import datasets
+
+    out, _ = written
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds["feature"] == [3, 7]
+
+
+@pytest.mark.skipif(not DEMO.is_dir(), reason="no bundled demo")
+def test_the_bundled_demo_loads_without_a_config_name_and_validates(tmp_path):
+    import datasets
+
+    ds = datasets.load_dataset(str(DEMO), split="train", cache_dir=str(tmp_path / "hf"))
+    assert "top_image_ids" in ds.column_names  # the features table
+    summary = validate_results_folder(DEMO)  # an older dataset: read into the current schema, valid
+    assert summary["rows"]["features"] == len(ds)
+    tables = read_results_folder(DEMO)
+    assert tables["features"].column("unnamed_reason").null_count == len(ds)  # a column added since: null
+    assert tables["images"].schema.names == arrow_schema("images").names
 
 
 def test_images_load_as_pil_at_most_224_px(written, tmp_path):
     out, _ = written
     images = load_results(out, "images", cache_dir=tmp_path / "hf")
     by_id = {r["image_id"]: r for r in images}
-    a, b = by_id["img/a"]["image"], by_id["img/b"]["image"]
+    a, b, e = by_id["img/a"]["image"], by_id["img/b"]["image"], by_id["emoji/cat"]
     assert isinstance(a, Image.Image) and a.size == (224, 150)  # aspect kept, longer side 224
     assert a.convert("RGB").getpixel((10, 10)) == (200, 10, 10)
-    assert b.size == (64, 64) and by_id["img/b"]["kind"] == "bank"
+    assert b.size == (64, 64) and by_id["img/b"]["kind"] == "bank" and by_id["img/b"]["split"] == "eval"
+    assert e["kind"] == "emoji" and e["split"] == "search" and e["family"] == "animal-mammal"
+    assert e["image"].format == "WEBP" and a.format == "PNG"
     runs = load_results(out, "runs", cache_dir=tmp_path / "hf")
     assert runs[0]["d_sae"] == 1536 and runs[0]["evaluation_json"] == "{}"
 
 
+def test_thumbnail_formats_are_those_the_doc_names():
+    """One function encodes every picture; the schema doc names exactly its formats (the demo ships WebP)."""
+    images_row = next(line for line in DOC.splitlines() if line.startswith("| image |"))
+    for fmt in THUMBNAIL_FORMATS.values():
+        assert fmt.replace("WEBP", "WebP") in images_row
+        with Image.open(io.BytesIO(thumbnail_bytes(Image.new("RGB", (300, 30)), 100, fmt.lower()))) as im:
+            assert im.format == fmt and im.size == (100, 10)
+    with pytest.raises(ValueError, match="thumbnail format"):
+        thumbnail_bytes(Image.new("RGB", (8, 8)), fmt="jpeg")
+    if DEMO.is_dir():
+        cells = pq.read_table(next((DEMO / "data" / "images").glob("*.parquet")), columns=["image"]).column("image")
+        with Image.open(io.BytesIO(cells[0].as_py()["bytes"])) as im:
+            assert im.format in THUMBNAIL_FORMATS.values()
+
+
 def test_rewrite_replaces_the_whole_dataset(written, tmp_path):
     out, _ = written
-    write_results(out, [_feature_row(11)], _images()[:1], [RUN])
+    write_results(out, [_feature_row(11, top_image_ids=["img/a"], top_activations=[3.0], top_heatmaps=[[0.0] * 49],
+                                     cosy_render_ids_mils=[], mils_history=None)], _images()[:1], [RUN])
     ds = load_results(out, "features", cache_dir=tmp_path / "hf")
     assert ds["feature"] == [11]
     assert not list(out.parent.glob(".ds.*"))  # no temporary or old folder left behind
 
 
-def test_card_has_a_config_per_table(written):
+def test_card_has_a_config_per_table_and_features_is_the_default(written):
     out, _ = written
-    card = (out / "README.md").read_text()
-    front = card.split("---")[1]
+    meta, _ = split_front_matter((out / "README.md").read_text())
+    configs = {c["config_name"]: c for c in meta["configs"]}
+    assert sorted(configs) == sorted(TABLES)
     for t in TABLES:
-        assert f"config_name: {t}" in front and f"path: data/{t}/*.parquet" in front
+        assert configs[t]["data_files"] == [{"split": "train", "path": f"data/{t}/*.parquet"}]
+        assert configs[t].get("default", False) is (t == "features")
     custom = dataset_card("# Title\n\nbody", extra_yaml="license: other")
     assert custom.startswith("---\nlicense: other\nconfigs:") and custom.rstrip().endswith("body")
 
 
 def test_bad_rows_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="RESULTS_SCHEMA"):
-        write_results(tmp_path / "a", [_feature_row(1, nmae="typo")], _images(), [RUN])
-    with pytest.raises(ValueError, match="unique"):
-        write_results(tmp_path / "b", [_feature_row(1), _feature_row(1)], _images(), [RUN])
-    with pytest.raises(ValueError, match="kind"):
-        write_results(tmp_path / "c", [_feature_row(1)], [{**_images()[0], "kind": "photo"}], [RUN])
-    with pytest.raises(ValueError, match="configs"):
-        write_results(tmp_path / "d", [_feature_row(1)], _images(), [RUN], card="# no front matter")
-    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.*"))
+    imgs = _images()
+    cases = [
+        (dict(features=[_feature_row(1, nmae="typo")]), "RESULTS_SCHEMA"),
+        (dict(features=[_feature_row(1), _feature_row(1)]), "unique"),
+        (dict(images=[{**imgs[0], "kind": "photo"}, *imgs[1:]]), "kind"),
+        (dict(images=[{**imgs[0], "split": "train"}, *imgs[1:]]), "split"),
+        (dict(images=[{**imgs[0], "image": thumbnail_bytes(Image.new("RGB", (4, 4))).replace(b"PNG", b"XYZ")}, *imgs[1:]]),
+         "does not decode"),
+        (dict(features=[_feature_row(1, unnamed_reason="boring")]), "unnamed_reason 'boring'"),
+        (dict(features=[_feature_row(1, unnamed_reason="dead")]), "on a feature whose name is 'striped cat'"),
+        (dict(features=[_feature_row(1, name_method="magic")]), "name_method 'magic'"),
+        (dict(features=[_feature_row(1, name_cosy_auc=1.5)]), "outside"),
+        (dict(features=[_feature_row(1, top_image_ids=["img/a", "img/zzz"])]), "missing from images"),
+        (dict(card="# no front matter"), "configs"),
+        (dict(card="---\nconfigs:\n- config_name: features\n  data_files: data/features/*.parquet\n---\n"), "configs"),
+    ]
+    for i, (kw, message) in enumerate(cases):
+        args = dict(features=[_feature_row(1)], images=imgs, runs=[RUN], card=None) | kw
+        with pytest.raises(ValidationError, match=message):
+            write_results(tmp_path / f"d{i}", **args)
+        assert not (tmp_path / f"d{i}").exists() and not list(tmp_path.glob(f".d{i}.*"))  # nothing written
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(jpeg, format="JPEG")
+    with pytest.raises(ValidationError, match="is JPEG"):
+        write_results(tmp_path / "jpeg", [_feature_row(1)], [{**imgs[0], "image": jpeg.getvalue()}, *imgs[1:]], [RUN])
     with pytest.raises(FileNotFoundError, match="README"):
         (tmp_path / "empty").mkdir()
         load_results(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown table"):
         load_results(tmp_path / "empty", "galleries")
+
+
+def test_name_methods_are_those_with_names(written):
+    out, _ = written
+    feats = read_results_folder(out)["features"]
+    assert name_methods(feats) == ["mils", "random"]  # every column is there; only these hold names
+    assert name_methods(feats.schema.names) == list(METHODS)
+
+
+# ------------------------------------------------------------------------------------------------ the card
+def test_card_sections_survive_an_update():
+    protocol = "## How names were evaluated\n- held-out renders, threshold 0.7"
+    card = dataset_card("# My title\n" + protocol, extra_yaml="license: mit", section_name="protocol a/b")
+    assert card_sections(card) == {"protocol a/b": "# My title\n" + protocol}
+    meta, body = split_front_matter(card)
+    hand = f"---\nlicense: mit\nconfigs: {meta['configs']}\n---\nHand-written intro.\n{body}\nHand-written outro.\n"
+    merged = merge_card(hand, {"pretty_name": "x", "tags": ["a"]}, {"overview": "# Generated v1"})
+    again = merge_card(merged, {"pretty_name": "y"}, {"overview": "# Generated v2"})
+    meta2, body2 = split_front_matter(again)
+    assert meta2["license"] == "mit" and meta2["pretty_name"] == "y" and meta2["tags"] == ["a"]
+    assert card_sections(again) == {"protocol a/b": "# My title\n" + protocol, "overview": "# Generated v2"}
+    assert body2.index("Hand-written intro.") < body2.index("protocol a/b") < body2.index("Hand-written outro.")
+    assert "Generated v1" not in again
+    # edits inside a regenerated section are replaced; the section keeps its place
+    edited = again.replace("# Generated v2", "# Generated v2\nedited by hand")
+    third = merge_card(edited, {}, {"overview": "# Generated v3"})
+    assert "edited by hand" not in third and third.index("protocol a/b") < third.index("Generated v3")
+    # a card written entirely by hand keeps its body; only the metadata is ours
+    by_hand = "---\nlicense: mit\n---\n# My own card\nNothing generated here.\n"
+    meta4, body4 = split_front_matter(merge_card(by_hand, {"pretty_name": "z"}, {"overview": "# Generated"}))
+    assert body4 == "# My own card\nNothing generated here.\n" and meta4 == {"license": "mit", "pretty_name": "z"}
+    with pytest.raises(ValueError, match="section name"):
+        section("bad>name", "x")
+
+
+def test_an_old_generated_block_becomes_the_overview_section(written):
+    old = ("---\nlicense: other\n---\nIntro.\n<!-- nacosae:generated:start (edits between these two markers are replaced "
+           "on the next publish) -->\n# old generated\n<!-- nacosae:generated:end -->\nOutro.\n")
+    out, _ = written
+    tables = read_results_folder(out)
+    new = results_card(tables, "me/results", existing=old, carried={"protocol x": "how"})
+    _, body = split_front_matter(new)
+    assert "old generated" not in body and "nacosae:generated" not in body
+    assert body.index("Intro.") < body.index("nacosae:section overview") < body.index("Outro.")
+    assert list(card_sections(new)) == ["overview", "protocol x"]
+    if DEMO.is_dir():  # the bundled demo's card is such an old card: its hand-free body becomes the overview
+        demo_card = (DEMO / "README.md").read_text()
+        assert carried_sections(demo_card, ["s"]) == {}
+    assert carried_sections("---\na: 1\n---\n# Built before sections\nprotocol text\n", ["x/y"]) == {
+        "protocol x/y": "# Built before sections\nprotocol text"}
