@@ -21,6 +21,7 @@ import torch
 
 from nacosae.cli import add_dataclass_args, dataclass_from_args
 from nacosae.features import CHECKPOINT_DIR, STATS_META, FeatureStats, FeatureStatsConfig, backbone_blocks, compute_feature_stats
+from nacosae.images import open_image
 from nacosae.sae import SAE
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -55,18 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _load_rgb(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, im).convert("RGB")  # transparent clip art onto white
-        return im.convert("RGB")
-
-
 def store_blocks(args, cfg_provenance: dict):
     from nacosae.store import ActivationStore
 
@@ -94,7 +83,7 @@ def folder_blocks(args, cfg_provenance: dict, skip_until: int):
     cfg_provenance.update(source="backbone", backbone_provenance=bb.provenance(args.layer, args.tokens),
                           image_folder=str(folder.resolve()), image_paths=[str(p.relative_to(folder)) for p in paths])
     start = skip_until + 1  # resume: do not run the backbone again on images already folded in
-    images = (_load_rgb(p) for p in paths[start:])
+    images = (open_image(p) for p in paths[start:])  # upright RGB, transparency onto white; bad files raise
     blocks = backbone_blocks(bb, images, args.layer, args.tokens, args.batch_images, args.device, start_idx=start)
     return blocks, len(paths), None
 

@@ -46,7 +46,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from nacosae import __version__
-from nacosae.images import ImageRecord, SkimageSource, cache_dir, load_rgb, pad_to_square
+from nacosae.features import aggregate_tokens
+from nacosae.images import ImageRecord, SkimageSource, cache_dir, open_image, pad_to_square
 from nacosae.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from nacosae.metrics import cosy_scores, monosemanticity_score
 from nacosae.naming.generators import DescribedImageBank, Render, RetrievalGenerator
@@ -239,9 +240,8 @@ def load_thumbnail(path: str | os.PathLike, thumb_dir: str | os.PathLike | None 
         key = hashlib.sha1(f"{path.resolve()}|{size}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
         cache = Path(thumb_dir) / key[:2] / f"{key}.png"
         if cache.is_file():
-            with Image.open(cache) as im:
-                return im.convert("RGB")
-    im = pad_to_square(load_rgb(path)).resize((size, size), Image.Resampling.BICUBIC)
+            return open_image(cache)
+    im = pad_to_square(open_image(path)).resize((size, size), Image.Resampling.BICUBIC)
     if cache is not None:
         import io
 
@@ -292,16 +292,6 @@ def split_bank(bank: DescribedImageBank, eval_fraction: float = 0.5, seed: int =
 
 
 # ================================================================================================ activations
-def _aggregate(codes_NTX: Tensor, aggregation: str, cls_token: int = 0) -> Tensor:
-    if aggregation == "max":
-        return codes_NTX.amax(1)
-    if aggregation == "mean":
-        return codes_NTX.mean(1)
-    if aggregation == "cls":
-        return codes_NTX[:, cls_token]
-    raise ValueError(f"unknown aggregation {aggregation!r}")
-
-
 def store_ref(record: dict) -> str:
     """The ref of a probe image: its file path, or its image id for images without a file (scikit-image samples)."""
     return str(record["path"]) if record.get("path") else str(record["image_id"])
@@ -342,8 +332,8 @@ class ImageActivationTable:
             B, T, D = acts_NTD.shape
             codes_NTS = sae.encode(acts_NTD.reshape(B * T, D).to(sae.W_dec.device)).reshape(B, T, -1).float().cpu()
             rows = torch.as_tensor([pos[int(i)] for i in image_idx_N])
-            acts_NS[rows] = _aggregate(codes_NTS, aggregation, cls_token)
-            raw_ND[rows] = _aggregate(acts_NTD.float().cpu(), aggregation, cls_token)
+            acts_NS[rows] = aggregate_tokens(codes_NTS, aggregation, cls_token)
+            raw_ND[rows] = aggregate_tokens(acts_NTD.float().cpu(), aggregation, cls_token)
             bar.update(B)
         bar.close()
         return cls([store_ref(r) for r in store.images], acts_NS, raw_ND, aggregation)

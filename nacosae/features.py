@@ -3,7 +3,8 @@
 Input: blocks `(image_idx_N, acts_NTD)` of whole images (`ActivationStore.iter_images`, or `backbone_blocks` straight
 from a backbone) and an SAE. Memory is bounded by d_sae × (top_n × T + n_bins) whatever the number of images.
 
-Per feature j (image-level activation a_j(n) = max over tokens (default), mean over tokens, or the CLS token's code):
+Per feature j (image-level activation a_j(n) = max over tokens (default), mean over tokens, or the CLS token's code,
+`aggregate_tokens`, the one definition every other module calls):
   - firing frequency over images (a_j(n) > 0) and over tokens (code > 0);
   - mean and max image-level activation, and the mean token activation;
   - a histogram of nonzero image-level activations (see `FeatureStatsAccumulator`: exact, independent of block order);
@@ -73,6 +74,29 @@ class FeatureStatsConfig:
             raise ValueError(f"dense_threshold must be in [0, 1], got {self.dense_threshold}")
         if self.cls_token < 0:
             raise ValueError(f"cls_token must be ≥ 0, got {self.cls_token}")
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+def aggregate_tokens(codes_NTS: Tensor, aggregation: str = "max", cls_token: int = 0) -> Tensor:
+    """Image-level activations (N, S) from the token codes (N, T, S) of N images: the one definition (METHODS §2)
+    that the feature statistics, evaluation, the naming scorer and the app all use.
+
+    aggregation: 'max' over the T tokens (patch SAEs), 'mean' over them, or 'cls' (the code of token `cls_token`, for
+    CLS-token SAEs). Works on any trailing width S (SAE codes, a subset of features, or raw activations (N, T, D)).
+    Raises ValueError for another aggregation, a tensor that is not 3-D, no tokens, or `cls_token` outside 0..T-1.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if codes_NTS.dim() != 3 or codes_NTS.shape[1] < 1:
+        raise ValueError(f"token codes must be (N images, T ≥ 1 tokens, S), got shape {tuple(codes_NTS.shape)}")
+    if aggregation == "max":
+        return codes_NTS.amax(1)
+    if aggregation == "mean":
+        return codes_NTS.mean(1)
+    T = codes_NTS.shape[1]
+    if not 0 <= cls_token < T:
+        raise ValueError(f"cls_token={cls_token} but images have {T} tokens")
+    return codes_NTS[:, cls_token]
 
 
 # ------------------------------------------------------------------------------------------------ sort keys
@@ -153,15 +177,8 @@ class FeatureStatsAccumulator:
         # times faster than counting a bool mask.
         nonneg_NTS = codes_NTS if lowest >= 0 else codes_NTS.clamp(min=0)
         self.token_fire_count_S += torch.sign(nonneg_NTS).reshape(-1, S).sum(0).round().to(torch.int64)
-        tok_sum_NS = codes_NTS.sum(1)
-        self.token_act_sum_S += tok_sum_NS.to(torch.float64).sum(0)
-        agg = self.cfg.aggregation
-        if agg == "max":
-            acts_NS = codes_NTS.amax(1)
-        elif agg == "mean":
-            acts_NS = tok_sum_NS / T
-        else:
-            acts_NS = codes_NTS[:, self.cfg.cls_token]
+        self.token_act_sum_S += codes_NTS.sum(1).to(torch.float64).sum(0)
+        acts_NS = aggregate_tokens(codes_NTS, self.cfg.aggregation, self.cfg.cls_token)
 
         # Image level.
         self.image_fire_count_S += (acts_NS > 0).sum(0)
@@ -515,7 +532,9 @@ def heatmap_overlay(pil_image, token_map_T, grid_hw: tuple[int, int], alpha: flo
                          "(drop the CLS token, or pass the backbone's token grid)")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    image = pil_image.convert("RGB")
+    from nacosae.images import open_image
+
+    image = open_image(pil_image)
     W, Hpx = image.size
     scale = float(token_map_T.max()) if vmax is None else float(vmax)
     if not scale > 0:

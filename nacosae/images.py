@@ -3,13 +3,15 @@
 A source is an iterable of `(ImageRecord, PIL.Image RGB)` in a deterministic order, with `len()`, `records()`
 (metadata only, no decoding), `load(record)` and `skipped`, the `(path, reason)` list of what it dropped. Bad
 images never crash a long run: they are skipped and reported. Reasons start with one keyword (`corrupt`,
-`truncated`, `tiny`, `bomb`, `blank`, `duplicate`) so `skip_summary()` can count them.
+`truncated`, `tiny`, `bomb`, `blank`, `duplicate`, `missing`) so `skip_summary()` can count them.
 
     src = ConcatSource([OpenClipArtSource(), SkimageSource()])
     for record, img in src: ...
 
-Hygiene (ASSETS.md, "What a trial run showed"): transparency is composited onto white, grey/palette/CMYK are
-converted to RGB, pixel-identical copies are dropped (the first in sorted path order is kept), one-colour images are
+Every image, whatever its source and whoever asks (extraction, evaluation, publishing, the app, the generators), is
+decoded by one function, `open_image`: EXIF orientation applied, the first frame of an animation, 16/32-bit grey
+scaled (not clipped), transparency composited onto white, grey/palette/CMYK converted to RGB; bad files raise
+`BadImageError` naming the file. Hygiene of a folder (ASSETS.md, "What a trial run showed"): pixel-identical copies are dropped (the first in sorted path order is kept), one-colour images are
 skipped, images under `min_size` px on a side and decompression bombs are skipped and recorded. The cleaned index of a
 folder is cached as JSON (`$NACOSAE_CACHE` or `~/.cache/nacosae/`), keyed by the files' names, sizes and mtimes and by
 the cleaning settings, so the second listing is instant.
@@ -22,6 +24,7 @@ import json
 import os
 import random
 import re
+import struct
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 WHITE = (255, 255, 255)
@@ -76,22 +79,53 @@ class ImageRecord:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# single images
+# single images: how an image record becomes pixels (the one owner: `open_image`)
+
+_GREY_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_EXIF_ORIENTATION = 0x0112  # PIL.ExifTags.Base.Orientation; 1 = upright, 2..8 = flipped and/or rotated
+
+
+def _scale_to_uint8(arr, mode: str):
+    """8-bit version of a high-depth grey array (float64 in, uint8 out): scaled, never clipped.
+
+    The scale is the declared bit depth where the mode has one (I;16*: 0..65535), else the first of these ranges that
+    holds every value: 0..255 (8-bit data in a 32-bit container), 0..65535 (16-bit data, e.g. a 16-bit TIFF read as
+    "I"), 0..1 for float data; values outside all of them are stretched over their own min..max.
+    """
+    import numpy as np
+
+    if not np.isfinite(arr).all():
+        raise ValueError("corrupt: NaN or infinite pixel values")  # caught and reported by open_image
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        lo_top, top = 0.0, 65535.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        lo_top, top = 0.0, 1.0
+    elif lo >= 0 and hi <= 255:
+        lo_top, top = 0.0, 255.0
+    elif lo >= 0 and hi <= 65535:
+        lo_top, top = 0.0, 65535.0
+    else:
+        lo_top, top = lo, hi if hi > lo else lo + 1.0
+    return ((arr - lo_top) * (255.0 / (top - lo_top))).round().astype(np.uint8)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
-    """Any PIL mode → RGB; transparency (alpha channel or palette transparency) composited onto `background`."""
-    if img.mode == "RGB":
+    """The pixel-mode step of `open_image`, for an image already decoded: any PIL mode → RGB.
+
+    Transparency (an alpha channel, or a `tRNS` / GIF transparent index on a palette, grey or RGB image) is
+    composited onto `background`; 16-bit, 32-bit and float grey are scaled to 8 bits (`_scale_to_uint8`), never
+    clipped; CMYK, YCbCr, LAB, HSV and 1-bit go through PIL's conversion. Callers outside this module use
+    `open_image`, which also applies the EXIF orientation and the size guards.
+    """
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / int / float grey: scale to 8 bits instead of clipping (convert("L") clips at 255)
+    if img.mode in _GREY_HIGH_DEPTH:
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray((arr.clip(0, top) * (255.0 / top)).round().astype("uint8"), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+        img = Image.fromarray(_scale_to_uint8(np.asarray(img, dtype=np.float64), img.mode), mode="L")
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB", "1"):
+        img = img.convert("RGBA")  # PIL turns the transparent index / colour into alpha 0
     if img.mode in ("RGBa", "La"):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -102,38 +136,105 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.
     return img.convert("RGB")
 
 
-def load_rgb(path_or_pil, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image as RGB (alpha composited onto white).
+def _array_image(arr) -> Image.Image:
+    """A numpy array (H, W) or (H, W, C ∈ {1, 3, 4}) as a PIL image: bool → 0/255, uint8 as is, other dtypes
+    through the high-depth grey scaling of `to_rgb` (per array, so colour channels keep their ratios)."""
+    import numpy as np
 
-    Raises `BadImageError` for a missing, corrupt or truncated file, a side shorter than `min_size`, or more than
-    `max_pixels` pixels (checked from the header, before decoding: a decompression-bomb guard).
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(f"corrupt: an array of shape {arr.shape} is not an image (need (H, W) or (H, W, 1|3|4))")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint16 and arr.ndim == 2:
+        return Image.fromarray(arr)  # mode I;16: scaled by its bit depth in to_rgb
+    elif arr.dtype != np.uint8:
+        mode = "F" if np.issubdtype(arr.dtype, np.floating) else "I;16" if arr.dtype == np.uint16 else "I"
+        arr = _scale_to_uint8(arr.astype(np.float64), mode)
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def open_image(image, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, where: str | None = None) -> Image.Image:
+    """An image record, fully decoded, as an upright RGB PIL image: the one way nacosae turns an image into pixels.
+
+    image: a file path (str or os.PathLike), encoded bytes (bytes / bytearray / memoryview), a binary file object,
+        a `datasets.Image` value (`{"bytes": ..., "path": ...}`, as with `decode=False`), a PIL image or a numpy
+        array (H, W) / (H, W, C).
+    where: the name errors give for the image (default: the path, else "<bytes>", "<PIL image>", "<array>"); pass
+        a record id, or a bare file name where the full path must not be shown (uploads).
+
+    What every caller gets, whatever the file (tests/test_image_corpus.py):
+      - the EXIF (or XMP) orientation applied, as `datasets` and browsers do (`PIL.ImageOps.exif_transpose`);
+      - the first frame of an animated GIF / WebP / APNG or multi-page TIFF;
+      - 16-bit, 32-bit and float grey scaled to 8 bits by bit depth or range, never clipped (`to_rgb`);
+      - transparency (alpha, palette or grey/RGB `tRNS`) composited onto white; CMYK etc. converted to RGB.
+    A new image object is returned; a PIL image passed in is not modified (an animated one is rewound to frame 0).
+
+    Raises `BadImageError` (its `reason` starts with a keyword) for a missing file (`missing`), a file PIL cannot
+    identify or decode, or NaN pixels (`corrupt`), a truncated file (`truncated`), a side shorter than `min_size`
+    (`tiny`), or more than `max_pixels` pixels (`bomb`: checked from the header, before decoding).
     """
-    where = "<PIL image>" if isinstance(path_or_pil, Image.Image) else str(path_or_pil)
-    try:
-        if isinstance(path_or_pil, Image.Image):
-            img = path_or_pil
+    import io
+
+    import numpy as np
+
+    if isinstance(image, dict):  # datasets.Image(decode=False) value
+        if image.get("bytes") is not None:
+            image = image["bytes"]
+        elif image.get("path"):
+            image = image["path"]
         else:
+            raise BadImageError(where or "<dataset value>", "corrupt: a datasets image value with neither bytes nor path")
+    if where is None:
+        where = (str(image) if isinstance(image, (str, os.PathLike)) else "<PIL image>" if isinstance(image, Image.Image)
+                 else "<array>" if isinstance(image, np.ndarray) else str(getattr(image, "name", "<bytes>")))
+    opened = None
+    try:
+        if isinstance(image, Image.Image):
+            img = image
+        elif isinstance(image, np.ndarray):
+            img = _array_image(image)
+        elif isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
+            fp = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
             with warnings.catch_warnings():  # our own max_pixels check below replaces PIL's warning
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(path_or_pil)
+                img = opened = Image.open(fp)
+        else:
+            raise BadImageError(where, f"corrupt: expected a path, bytes, a PIL image or an array, got {type(image).__name__}")
         w, h = img.size
         if w * h > max_pixels:
             raise BadImageError(where, f"bomb: {w}x{h} = {w * h / 1e6:.0f} MP > max_pixels={max_pixels / 1e6:.0f} MP")
         if min(w, h) < min_size:
             raise BadImageError(where, f"tiny: {w}x{h} px, a side < min_size={min_size}")
+        if getattr(img, "n_frames", 1) > 1 and img.tell() != 0:
+            img.seek(0)  # the first frame, as a thumbnail or `datasets` shows it
         img.load()
-        return to_rgb(img)
+        out = img
+        if img.getexif().get(_EXIF_ORIENTATION, 1) in range(2, 9):  # exif_transpose copies even when upright
+            out = ImageOps.exif_transpose(img)
+        out = to_rgb(out)
+        if out is img:  # never hand back the caller's object, nor the one closed below
+            out = img.copy()
+        return out
     except BadImageError:
         raise
     except FileNotFoundError as e:
-        raise BadImageError(where, f"missing: {e}") from e
+        raise BadImageError(where, f"missing: {e.strerror or e}") from e
     except Image.DecompressionBombError as e:
         raise BadImageError(where, f"bomb: {e}") from e
     except UnidentifiedImageError as e:
         raise BadImageError(where, "corrupt: not an image PIL can identify") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
-        raise BadImageError(where, f"{kind}: {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        msg = str(e)
+        kind = "truncated" if "truncated" in msg.lower() else "corrupt"
+        raise BadImageError(where, msg if msg.startswith("corrupt:") else f"{kind}: {msg}") from e
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+load_rgb = open_image  # the former name, kept for callers that still import it
 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -368,7 +469,7 @@ class FolderSource(ImageSource):
         return list(self._records)
 
     def _open(self, record: ImageRecord) -> Image.Image:
-        return load_rgb(record.path, min_size=self.min_size, max_pixels=self.max_pixels)
+        return open_image(record.path, min_size=self.min_size, max_pixels=self.max_pixels)
 
 
 def _file_digest(path: str) -> str:
@@ -380,7 +481,7 @@ def _inspect(args) -> tuple[str | None, str | None, bool]:
     """Worker: (skip reason or None, pixel digest, is blank) of one file."""
     path, min_size, max_pixels, blank_tol = args
     try:
-        img = load_rgb(path, min_size=min_size, max_pixels=max_pixels)
+        img = open_image(path, min_size=min_size, max_pixels=max_pixels)
     except BadImageError as e:
         return e.reason, None, False
     return None, pixel_digest(img), is_blank(img, blank_tol)
@@ -570,13 +671,9 @@ class SkimageSource(ImageSource):
         ]
 
     def _open(self, record: ImageRecord) -> Image.Image:
-        import numpy as np
         import skimage.data
 
-        arr = getattr(skimage.data, record.label)()
-        if arr.dtype == bool:  # "horse": a binary mask
-            arr = arr.astype(np.uint8) * 255
-        return load_rgb(Image.fromarray(arr))
+        return open_image(getattr(skimage.data, record.label)(), where=record.image_id)  # "horse" is a bool mask
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -670,20 +767,10 @@ class HFDatasetSource(ImageSource):
         return len(self.records())
 
     def _decode(self, value, where: str) -> Image.Image:
-        if isinstance(value, Image.Image):
-            return load_rgb(value, self.min_size, self.max_pixels)
-        if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
-            import io
-
-            if value.get("bytes") is not None:
-                try:
-                    img = Image.open(io.BytesIO(value["bytes"]))
-                except (UnidentifiedImageError, OSError) as e:
-                    raise BadImageError(where, f"corrupt: {e}") from e
-                return load_rgb(img, self.min_size, self.max_pixels)
-            if value.get("path"):
-                return load_rgb(value["path"], self.min_size, self.max_pixels)
-        raise BadImageError(where, f"corrupt: no image in column {self.image_column!r} ({type(value).__name__})")
+        """datasets.Image(decode=False) values ({"bytes": ..., "path": ...}) or PIL images, via `open_image`."""
+        if not isinstance(value, (dict, Image.Image)):
+            raise BadImageError(where, f"corrupt: no image in column {self.image_column!r} ({type(value).__name__})")
+        return open_image(value, self.min_size, self.max_pixels, where=where)
 
     def _open(self, record: ImageRecord) -> Image.Image:
         if self.streaming:

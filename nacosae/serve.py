@@ -16,7 +16,6 @@ Bad input raises `ServeError` with a message meant for the user (the app shows i
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import threading
@@ -347,8 +346,8 @@ class Explorer:
         return self.features.slice(i, 1).to_pylist()[0]
 
     def image(self, image_id: str):
-        """A dataset image as RGB PIL (decoded once, LRU-cached)."""
-        from PIL import Image
+        """A dataset image as RGB PIL (decoded once by `nacosae.images.open_image`, LRU-cached)."""
+        from nacosae.images import open_image
 
         if image_id in self._image_cache:
             self._image_cache.move_to_end(image_id)
@@ -356,9 +355,7 @@ class Explorer:
         i = self._image_row.get(image_id)
         if i is None:
             raise ServeError(f"image {image_id!r} is not in the results dataset")
-        data = self.images.column("image")[i].as_py()["bytes"]
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
+        im = open_image(self.images.column("image")[i].as_py(), where=image_id)
         self._image_cache[image_id] = im
         if len(self._image_cache) > 2048:
             self._image_cache.popitem(last=False)
@@ -518,12 +515,9 @@ class Explorer:
         return codes_TS, square
 
     def _aggregate(self, sae_id: str, codes_TS):
-        agg = self.frame_aggregation(sae_id)
-        if agg == "max":
-            return codes_TS.amax(0)
-        if agg == "mean":
-            return codes_TS.mean(0)
-        return codes_TS[0]
+        from nacosae.features import aggregate_tokens
+
+        return aggregate_tokens(codes_TS[None], self.frame_aggregation(sae_id))[0]
 
     def frame_aggregation(self, sae_id: str) -> str:
         """How the results made image-level activations from token codes ('max', 'mean' or 'cls')."""
@@ -745,25 +739,25 @@ class Explorer:
 
 # ================================================================================================ input checks
 def check_image(image):
-    """An uploaded image as RGB PIL: a PIL image, a numpy array or a file path; anything else raises ServeError."""
-    from PIL import Image, UnidentifiedImageError
+    """An uploaded image as upright RGB PIL, decoded by `nacosae.images.open_image` (EXIF orientation, 16-bit,
+    transparency, first frame): a file path, a PIL image or a numpy array; anything else raises ServeError. Errors
+    name an uploaded file by its base name only, never by its path on the server."""
+    from PIL import Image
 
-    from nacosae.images import BadImageError, load_rgb
+    from nacosae.images import BadImageError, open_image
 
     if image is None:
         raise ServeError("upload an image first")
+    if isinstance(image, (str, Path)):
+        where = Path(image).name
+    elif isinstance(image, (Image.Image, np.ndarray)):
+        where = "the uploaded image"
+    else:
+        raise ServeError(f"expected an image, got {type(image).__name__}")
     try:
-        if isinstance(image, (str, Path)):
-            return load_rgb(str(image))
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image.astype(np.uint8) if image.dtype != np.uint8 else image)
-        if isinstance(image, Image.Image):
-            return load_rgb(image)
+        return open_image(image, where=where)
     except BadImageError as e:
-        raise ServeError(f"this image cannot be used: {e}") from e
-    except (UnidentifiedImageError, OSError, ValueError, TypeError) as e:
-        raise ServeError(f"cannot read the uploaded file as an image ({type(e).__name__}: {e}); upload a PNG, JPEG or WebP") from e
-    raise ServeError(f"expected an image, got {type(image).__name__}")
+        raise ServeError(f"this image cannot be used: {e}; upload a PNG, JPEG or WebP") from e
 
 
 def naming_config(iterations: int = 3, candidates: int = 8, best: int = 6, images: int = 3):

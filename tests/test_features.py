@@ -15,6 +15,7 @@ from nacosae.features import (
     FeatureStatsAccumulator,
     FeatureStatsConfig,
     FeatureStatsError,
+    aggregate_tokens,
     backbone_blocks,
     compute_feature_stats,
     heatmap_overlay,
@@ -260,6 +261,42 @@ def test_backbone_blocks_feed_the_same_pass():
     sae = make_sae()
     stats = compute_feature_stats(sae, iter(blocks), FeatureStatsConfig(top_n=3), progress=False)
     assert stats.n_images == 11 and stats.tokens_per_image == 16
+
+
+def test_aggregate_tokens_by_hand_and_its_errors():
+    codes_NTS = torch.tensor([[[1.0, 0.0], [3.0, -1.0], [2.0, 4.0]]])  # 1 image, 3 tokens, 2 features
+    assert aggregate_tokens(codes_NTS, "max").tolist() == [[3.0, 4.0]]
+    assert aggregate_tokens(codes_NTS, "mean").tolist() == [[2.0, 1.0]]
+    assert aggregate_tokens(codes_NTS, "cls", cls_token=1).tolist() == [[3.0, -1.0]]
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        aggregate_tokens(codes_NTS, "median")
+    with pytest.raises(ValueError, match="cls_token=3 but images have 3 tokens"):
+        aggregate_tokens(codes_NTS, "cls", cls_token=3)
+    with pytest.raises(ValueError, match=r"\(N images, T ≥ 1 tokens, S\)"):
+        aggregate_tokens(codes_NTS[0], "max")
+    with pytest.raises(ValueError, match="T ≥ 1"):
+        aggregate_tokens(torch.zeros(2, 0, 5), "mean")
+
+
+@pytest.mark.parametrize("aggregation", ["max", "mean", "cls"])
+def test_stats_and_scorer_agree_on_image_level_activations(aggregation):
+    """The feature statistics and the MILS scorer (like evaluation and the app) go through `aggregate_tokens`: a probe
+    image scored again gets exactly the activation the statistics recorded for it."""
+    from nacosae.naming.scorer import FeatureScorer
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(9)]
+    bb, sae = TinyConvBackbone(), make_sae()
+    cfg = FeatureStatsConfig(top_n=2, aggregation=aggregation, cls_token=3)
+    stats = compute_feature_stats(sae, backbone_blocks(bb, images, layer="conv", batch_images=4), cfg, progress=False)
+    scorer = FeatureScorer.from_stats(bb, "conv", "all", sae, stats)
+    acts_NS = scorer.activations(images, range(S))
+    assert torch.allclose(acts_NS.amax(0), stats.act_max_S, atol=1e-6)
+    best_N = stats.top_images_SK[:, 0]
+    assert torch.allclose(acts_NS[best_N, torch.arange(S)], stats.top_values_SK[:, 0], atol=1e-6)
+    with torch.no_grad():
+        codes_NTS = sae.encode(bb.activations(torch.stack([bb.preprocess(im) for im in images]), "conv").reshape(-1, D))
+    assert torch.allclose(aggregate_tokens(codes_NTS.reshape(9, 16, S), aggregation, 3), acts_NS, atol=1e-6)
 
 
 def test_heatmap_overlay_marks_only_the_active_cells():

@@ -21,7 +21,7 @@ from nacosae.images import (
     SkimageSource,
     describe_openclipart,
     is_blank,
-    load_rgb,
+    open_image,
     pad_to_square,
 )
 
@@ -60,30 +60,30 @@ def folder(tmp_path):
 # -- single images ---------------------------------------------------------------------------------------------
 
 
-def test_load_rgb_composites_alpha_onto_white(folder):
-    img = load_rgb(folder / "cats" / "tabby" / "rgba.png")
+def test_open_image_composites_alpha_onto_white(folder):
+    img = open_image(folder / "cats" / "tabby" / "rgba.png")
     assert img.mode == "RGB" and img.size == (40, 40)
     assert img.getpixel((0, 0)) == (255, 255, 255)  # transparent → white, not black
     assert img.getpixel((20, 20)) == (255, 0, 0)
 
 
-def test_load_rgb_partial_alpha_blends():
+def test_open_image_partial_alpha_blends():
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
-    r, g, b = load_rgb(img).getpixel((0, 0))
+    r, g, b = open_image(img).getpixel((0, 0))
     assert r == g == b and 125 <= r <= 129  # half black over white
 
 
-def test_load_rgb_converts_grey_palette_cmyk_and_16bit(tmp_path):
-    assert load_rgb(_noise(10, 10, 0, mode="L")).mode == "RGB"
+def test_open_image_converts_grey_palette_cmyk_and_16bit(tmp_path):
+    assert open_image(_noise(10, 10, 0, mode="L")).mode == "RGB"
     pal = Image.new("P", (10, 10), 0)
     pal.putpalette([0, 0, 0] * 256)
     pal.info["transparency"] = 0
     pal.save(tmp_path / "p.png")
-    assert load_rgb(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)
     Image.new("CMYK", (10, 10), (0, 0, 0, 0)).save(tmp_path / "c.jpg")
-    assert load_rgb(tmp_path / "c.jpg").mode == "RGB"
+    assert open_image(tmp_path / "c.jpg").mode == "RGB"
     Image.fromarray(np.full((10, 10), 65535, dtype=np.uint16)).save(tmp_path / "i16.png")
-    assert load_rgb(tmp_path / "i16.png").getpixel((0, 0)) == (255, 255, 255)  # scaled, not clipped
+    assert open_image(tmp_path / "i16.png").getpixel((0, 0)) == (255, 255, 255)  # scaled, not clipped
 
 
 @pytest.mark.parametrize(
@@ -91,11 +91,38 @@ def test_load_rgb_converts_grey_palette_cmyk_and_16bit(tmp_path):
     [("corrupt.png", {}, "corrupt"), ("truncated.png", {}, "truncated"), ("tiny.png", {"min_size": 32}, "tiny"),
      ("grey.png", {"max_pixels": 1000}, "bomb"), ("missing.png", {}, "missing")],
 )
-def test_load_rgb_bad_images_raise_with_reason(folder, name, kwargs, keyword):
+def test_open_image_bad_images_raise_with_reason(folder, name, kwargs, keyword):
     with pytest.raises(BadImageError) as e:
-        load_rgb(folder / "dogs" / name, **kwargs)
+        open_image(folder / "dogs" / name, **kwargs)
     assert e.value.reason.startswith(keyword)
     assert name in e.value.path
+
+
+def test_open_image_takes_every_form_of_a_record_and_names_it_in_errors(tmp_path):
+    img = _noise(6, 4, 0)
+    img.save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    want = np.asarray(img)
+    for form in (tmp_path / "a.png", str(tmp_path / "a.png"), data, bytearray(data), {"bytes": data, "path": None},
+                 {"bytes": None, "path": str(tmp_path / "a.png")}, img, np.asarray(img)):
+        out = open_image(form)
+        assert out.mode == "RGB" and np.array_equal(np.asarray(out), want), type(form)
+    assert open_image(img) is not img  # the caller's image is never handed back to be modified
+    # arrays: a bool mask, grey uint16 (bit depth), float RGB in [0, 1], RGBA onto white
+    assert open_image(np.array([[True, False]])).getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(np.full((2, 2), 65535, np.uint16)).getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(np.full((2, 2, 3), 0.5, np.float32)).getpixel((0, 0)) == (128, 128, 128)
+    assert open_image(np.zeros((2, 2, 4), np.uint8)).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(BadImageError, match=r"^upload\.png: corrupt: not an image"):
+        open_image(b"not an image", where="upload.png")
+    with pytest.raises(BadImageError, match=r"^<bytes>: corrupt"):
+        open_image(b"not an image")
+    with pytest.raises(BadImageError, match="neither bytes nor path"):
+        open_image({"bytes": None, "path": None}, where="ds/train/3")
+    with pytest.raises(BadImageError, match="shape"):
+        open_image(np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(BadImageError, match="got int"):
+        open_image(42)
 
 
 def test_pad_to_square_keeps_whole_image():

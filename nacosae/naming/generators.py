@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from nacosae.images import cache_dir as nacosae_cache_dir
-from nacosae.images import load_rgb, pad_to_square
+from nacosae.images import open_image, pad_to_square
 from nacosae.io import atomic_save_safetensors, atomic_write_bytes
 from nacosae.naming.vocab import OPENCLIPART_DIR, openclipart_bank_description
 
@@ -90,21 +90,21 @@ class RenderCache:
         path = self.root / key[:2] / f"{key}.png"
         if key not in self._index or not path.exists():
             return None
-        with Image.open(path) as im:
-            return Render(im.convert("RGB"), str(path))
+        return Render(open_image(path), str(path))
 
     def put(self, generator_id: str, prompt: str, seed: int, image: Image.Image) -> Render:
         key = self.key(generator_id, prompt, seed)
         path = self.root / key[:2] / f"{key}.png"
+        image = open_image(image)
         buf = io.BytesIO()
-        image.convert("RGB").save(buf, format="PNG")
+        image.save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())
         rec = {"key": key, "generator": generator_id, "prompt": prompt, "seed": int(seed),
                "file": str(path.relative_to(self.root))}
         with open(self.index_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         self._index[key] = rec
-        return Render(image.convert("RGB"), str(path))
+        return Render(image, str(path))
 
     def __len__(self) -> int:
         return len(self._index)
@@ -155,7 +155,7 @@ class DiffusersGenerator:
                 if self.cache is not None:
                     out[s] = self.cache.put(self.id, prompt, s, im)
                 else:
-                    out[s] = Render(im.convert("RGB"), f"{self.id}|{prompt}|{s}")
+                    out[s] = Render(open_image(im), f"{self.id}|{prompt}|{s}")
         return [out[s] for s in seeds]
 
 
@@ -191,7 +191,7 @@ def load_bank_image(path: str | os.PathLike, max_side: int = 512) -> Image.Image
     """A bank image as RGB: transparency composited onto white and padded to a white square (so a later resize keeps
     the whole object, ASSETS.md), at most `max_side` px (backbones read ~224 px; the bank's LRU cache stays small).
     Bad files raise `nacosae.images.BadImageError`."""
-    im = pad_to_square(load_rgb(path))
+    im = pad_to_square(open_image(path))
     if max(im.size) > max_side:
         im = im.resize((max_side, max_side), Image.Resampling.BICUBIC)
     return im

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-AGGREGATIONS = ("max", "mean", "cls")
+from nacosae.features import AGGREGATIONS, aggregate_tokens
+from nacosae.images import open_image
 
 
 @runtime_checkable
@@ -62,21 +63,13 @@ class FeatureScorer:
             raise ValueError(f"features must be in 0..{self.sae.cfg.d_sae - 1}, got {features}")
         out = []
         for i in range(0, len(images), self.batch_size):
-            x_BCHW = torch.stack([self.backbone.preprocess(im.convert("RGB")) for im in images[i: i + self.batch_size]])
+            x_BCHW = torch.stack([self.backbone.preprocess(open_image(im)) for im in images[i: i + self.batch_size]])
             acts_BTD = self.backbone.activations(x_BCHW.to(self.device), self.layer, self.tokens)
             B, T, D = acts_BTD.shape
             acts_ND = acts_BTD.reshape(B * T, D).to(self.sae.W_dec.device, self.sae.W_dec.dtype)
             codes_BTS = self.sae.encode(acts_ND).reshape(B, T, -1)
             codes_BTF = codes_BTS[..., feats.to(codes_BTS.device)]
-            if self.aggregation == "max":
-                a_BF = codes_BTF.amax(dim=1)
-            elif self.aggregation == "mean":
-                a_BF = codes_BTF.mean(dim=1)
-            else:
-                if self.cls_token >= T:
-                    raise ValueError(f"cls_token={self.cls_token} but the layer gives {T} tokens per image")
-                a_BF = codes_BTF[:, self.cls_token]
-            out.append(a_BF.float().cpu())
+            out.append(aggregate_tokens(codes_BTF, self.aggregation, self.cls_token).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, len(feats))
 
     def score(self, images: Sequence[Image.Image], features: Sequence[int]) -> Tensor:
