@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     f = sub.add_parser("figures", help="redraw the figures of a finished experiment")
     f.add_argument("--run", default="runs/lab", help="experiment folder")
     f.add_argument("--out", default="docs/figures/lab", help="figure folder")
-    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=_figures)
 
     s = sub.add_parser("structure", help="trace a model and draw its structure (JSON + interactive HTML/SVG + PNG)")
