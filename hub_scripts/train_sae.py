@@ -1,26 +1,117 @@
 #!/usr/bin/env python
-"""Train a sparse autoencoder on an activation store.
+r"""Train sparse autoencoders on activation stores: one, or several from one read of the stores.
 
     python hub_scripts/train_sae.py --store runs/acts/blocks.14 --out-dir runs/sae/blocks.14 --k 24 --expansion 8
+    python hub_scripts/train_sae.py --store runs/acts/blocks.14 --store runs/acts/features --out-dir runs/sae \
+        --sweep k=16,32 expansion=4,8          # 2 stores × 4 SAEs, each store read once per step for its 4 SAEs
+    python hub_scripts/train_sae.py --runs sweep.json --batch-size 4096     # a JSON list of per-SAE settings
 
-Writes OUT_DIR/sae/ (model.safetensors + config.json), metrics.json (validation FVU, explained variance, L0,
-dead fraction, throughput), history.jsonl and curves.png. Killed? Run the same command again: it resumes from
-OUT_DIR/checkpoint/.
+One SAE: OUT_DIR gets sae/ (model.safetensors + config.json), metrics.json (validation FVU, explained variance, L0,
+dead fraction, throughput), history.jsonl and curves.png. Several: each SAE gets those in its own folder,
+OUT_DIR[/STORE_NAME][/KEY1VALUE1-KEY2VALUE2] (the store name only with several --store, the sweep label only with
+--sweep), or the out_dir of its --runs entry. --runs entries are objects of the flags below (as field names:
+"out_dir", "k", ...) that override the flags given on the command line; "store" and "out_dir" are required.
+SAEs on one store must share --batch-size, --seed and --val-fraction (they read one batch stream).
+
+Killed? Run the same command again: every SAE resumes from its own OUT_DIR/checkpoint/, finished ones are kept.
 """
 
 import argparse
+import itertools
 import json
+import sys
+from pathlib import Path
 
 from nacosae.cli import add_dataclass_args, dataclass_from_args
-from nacosae.train import TrainConfig, train
+from nacosae.train import TrainConfig, train_many
+
+FIELDS = {f for f in TrainConfig.__dataclass_fields__}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", action="append", help="activation store folder (written by hub_scripts/extract.py); "
+                                                         "repeat for several stores")
+    parser.add_argument("--out-dir", help="run folder (one SAE), or the folder of the runs (several)")
+    parser.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", default=[],
+                        help="train every combination of these settings (e.g. k=16,32 expansion=4,8 activation=topk,relu)")
+    parser.add_argument("--runs", help="JSON file: a list of objects of per-SAE settings (each with store and out_dir)")
+    add_dataclass_args(parser, TrainConfig, skip=("store", "out_dir"))
+    return parser
+
+
+def _sweep_grid(parser, items: list[str]) -> list[list[tuple[str, str]]]:
+    """--sweep KEY=V1,V2 ... → every combination, as lists of (field, value string)."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        field = key.strip().replace("-", "_")
+        if not sep or field not in FIELDS - {"store", "out_dir"}:
+            parser.error(f"--sweep {item!r}: use KEY=V1,V2 with KEY one of {sorted(FIELDS - {'store', 'out_dir'})}")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            parser.error(f"--sweep {item!r} lists no value")
+        axes.append([(field, v) for v in vals])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def _flags(parser, combo: list[tuple[str, str]]) -> list[str]:
+    """A sweep combination as command-line flags, so its values are parsed as the flags themselves are."""
+    out = []
+    for field, value in combo:
+        flag = "--" + field.replace("_", "-")
+        if TrainConfig.__dataclass_fields__[field].type in (bool, "bool"):
+            if value.lower() not in ("true", "false"):
+                parser.error(f"--sweep {field}: a switch takes true or false, got {value!r}")
+            out.append(flag if value.lower() == "true" else "--no-" + flag[2:])
+        else:
+            out += [flag, value]
+    return out
+
+
+def build_configs(argv: list[str]) -> list[TrainConfig]:
+    """The configs a command line asks for (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.runs:
+        if args.store or args.out_dir or args.sweep:
+            parser.error("--runs lists every SAE: do not combine it with --store, --out-dir or --sweep")
+        entries = json.loads(Path(args.runs).read_text())
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            parser.error(f"{args.runs} must hold a JSON list of objects")
+        cfgs = []
+        for i, entry in enumerate(entries):
+            unknown = set(entry) - FIELDS
+            if unknown or not {"store", "out_dir"} <= set(entry):
+                parser.error(f"{args.runs} entry {i}: unknown keys {sorted(unknown)} or no store/out_dir; keys are "
+                             f"{sorted(FIELDS)}")
+            cfgs.append(dataclass_from_args(TrainConfig, args, **entry))
+        return cfgs
+    if not args.store or not args.out_dir:
+        parser.error("give --store and --out-dir (or --runs)")
+    grid = _sweep_grid(parser, args.sweep)
+    out = Path(args.out_dir)
+    cfgs = []
+    for store in args.store:
+        for combo in grid:
+            run_dir = out / Path(store).name if len(args.store) > 1 else out
+            if combo:
+                run_dir = run_dir / "-".join(f"{field}{value}" for field, value in combo)
+            combo_args = parser.parse_args([*argv, *_flags(parser, combo)])  # the last flag wins
+            cfgs.append(dataclass_from_args(TrainConfig, combo_args, store=store, out_dir=str(run_dir)))
+    return cfgs
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, TrainConfig)
-    cfg = dataclass_from_args(TrainConfig, parser.parse_args(argv))
-    _, metrics = train(cfg)
-    print(json.dumps(metrics, indent=2))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfgs = build_configs(argv)
+    results = train_many(cfgs)
+    if len(cfgs) == 1:
+        print(json.dumps(results[0][1], indent=2))
+    else:
+        for cfg, (_, metrics) in zip(cfgs, results, strict=True):
+            print(f"{cfg.out_dir}: val_fvu {metrics['val_fvu']:.4f}, L0 {metrics['val_l0']:.1f}, "
+                  f"dead {metrics['val_dead_fraction']:.1%}")
 
 
 if __name__ == "__main__":

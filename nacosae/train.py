@@ -1,5 +1,15 @@
-"""SAE training: `fit` is the loop over any stream of activation batches; `train` runs it from an activation
-store with checkpoints, resume after a kill, validation metrics and a PNG of the curves."""
+"""SAE training: `SAETrainer` is one SAE's optimisation step, `fit` loops it over any stream of activation batches,
+`train` runs it from an activation store with checkpoints, resume after a kill, validation metrics and a PNG of the
+curves, and `train_many` trains a list of SAEs (layers, widths, k, activations) from ONE read of their stores.
+
+Many SAEs per read: SAEs on the same store share its batch stream (so they must agree on batch_size, seed and
+val_fraction, which fix the stream and the split); each store is read once per step for all of its SAEs. Every
+SAE keeps its own run folder, learning-rate schedule (its own n_steps), checkpoints, history and curves, so one SAE
+of a `train_many` run is the SAE a `train` run of its config gives, bit for bit, when both start from scratch: the
+batches, the init and the steps are the same (tests/test_train_store.py). Checkpoints are per SAE and crash-safe
+(a step folder, then the state file that names it), so a kill loses at most `checkpoint_every` steps of each SAE;
+on resume each SAE continues from its own step, the stream from the earliest of them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +115,62 @@ class DeadLatentTracker:
         return self.rows_since_fire_S >= self.dead_after_rows
 
 
+class SAETrainer:
+    """One SAE's training state and step: Adam on the SAE objective with the learning-rate schedule of `lr_at`, the
+    decoder kept at unit norm (METHODS §1), the dead-latent tracker (for AuxK), and the logged history rows.
+
+    `step(x_BD, step)` runs one optimisation step on a (B, d_in) batch; `fit` and `train_many` call it, so one SAE
+    trained alone and one trained next to others take the same steps.
+    """
+
+    def __init__(self, sae: SAE, n_steps: int, lr: float, *, optimizer: torch.optim.Optimizer | None = None,
+                 dead: DeadLatentTracker | None = None, warmup_steps: int = 50, log_every: int = 20,
+                 on_log: Callable[[dict[str, Any]], None] | None = None):
+        self.sae, self.n_steps, self.lr = sae, n_steps, lr
+        self.device = sae.W_dec.device
+        self.optimizer = optimizer or make_optimizer(sae, lr)
+        self.dead = dead or DeadLatentTracker(sae.cfg.d_sae, 10_000_000, self.device)
+        self.warmup_steps, self.log_every, self.on_log = warmup_steps, log_every, on_log
+        self.history: list[dict[str, Any]] = []
+        self.rows_done, self.seconds = 0, 0.0  # this session's rows and time spent in `step`
+        self.last: dict[str, Any] | None = None  # the last logged row
+
+    def step(self, x_BD: torch.Tensor, step: int) -> None:
+        t0 = time.perf_counter()
+        x_BD = x_BD.to(self.device, non_blocking=True)
+        sae, optimizer, dead = self.sae, self.optimizer, self.dead
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, self.n_steps, self.lr, self.warmup_steps)
+        out = sae(x_BD, dead_mask_S=dead.dead_mask_S)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        # Project out the radial gradient, step, then renormalise: decoder rows stay unit-norm (METHODS §1).
+        sae.remove_parallel_grad()
+        optimizer.step()
+        sae.normalize_decoder()
+        if out.codes is not None:
+            dead.update(out.codes.detach())
+        else:
+            dead.update_from_topk(out.top_idx, out.top_vals.detach())
+        self.rows_done += x_BD.shape[0]
+        if step % self.log_every == 0 or step == self.n_steps - 1:
+            row = {
+                "step": step,
+                "fvu": out.fvu.item(),
+                "aux_loss": out.aux_loss.item(),
+                "loss": out.loss.item(),
+                "l0": out.l0.item(),
+                "dead_fraction": dead.dead_mask_S.float().mean().item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "rows_per_s": self.rows_done / max(self.seconds + time.perf_counter() - t0, 1e-9),
+            }
+            self.history.append(row)
+            self.last = row
+            if self.on_log:
+                self.on_log(row)
+        self.seconds += time.perf_counter() - t0
+
+
 def fit(
     sae: SAE,
     batches: Iterable[torch.Tensor],
@@ -121,48 +187,18 @@ def fit(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Adam on the SAE objective for steps start_step..n_steps-1. Returns the logged history rows."""
-    device = sae.W_dec.device
-    optimizer = optimizer or make_optimizer(sae, lr)
-    dead = dead or DeadLatentTracker(sae.cfg.d_sae, 10_000_000, device)
-    history, t0, rows_done = [], time.perf_counter(), 0
+    trainer = SAETrainer(sae, n_steps, lr, optimizer=optimizer, dead=dead, warmup_steps=warmup_steps, log_every=log_every,
+                         on_log=on_log)
     it: Iterator[torch.Tensor] = iter(batches)
     bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps, desc="train SAE", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        x_BD = next(it).to(device, non_blocking=True)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, n_steps, lr, warmup_steps)
-        out = sae(x_BD, dead_mask_S=dead.dead_mask_S)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        # Project out the radial gradient, step, then renormalise: decoder rows stay unit-norm (METHODS §1).
-        sae.remove_parallel_grad()
-        optimizer.step()
-        sae.normalize_decoder()
-        if out.codes is not None:
-            dead.update(out.codes.detach())
-        else:
-            dead.update_from_topk(out.top_idx, out.top_vals.detach())
-        rows_done += x_BD.shape[0]
-
-        if step % log_every == 0 or step == n_steps - 1:
-            elapsed = time.perf_counter() - t0
-            row = {
-                "step": step,
-                "fvu": out.fvu.item(),
-                "aux_loss": out.aux_loss.item(),
-                "loss": out.loss.item(),
-                "l0": out.l0.item(),
-                "dead_fraction": dead.dead_mask_S.float().mean().item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "rows_per_s": rows_done / max(elapsed, 1e-9),
-            }
-            history.append(row)
+        trainer.step(next(it), step)
+        if trainer.last is not None and trainer.last["step"] == step:
+            row = trainer.last
             bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
-            if on_log:
-                on_log(row)
         if on_step:
             on_step(step)
-    return history
+    return trainer.history
 
 
 def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
@@ -179,82 +215,201 @@ def default_lr(d_sae: int) -> float:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> tuple[SAE, dict[str, Any]]:
-    """Train an SAE on an activation store; resumes from `out_dir/checkpoint` when it exists."""
-    from nacosae.metrics import evaluate_sae
+    """Train an SAE on an activation store; resumes from `out_dir/checkpoint` when it exists (`train_many` of one)."""
+    return train_many([cfg], progress=progress)[0]
+
+
+# What SAEs reading one store must share: these fix its batch stream (order, batch size) and its train/val split.
+SHARED_PER_STORE = ("batch_size", "seed", "val_fraction")
+
+
+class _Run:
+    """One SAE of a `train_many` run: its config, folder, step count, trainer (None once trained) and result."""
+
+    def __init__(self, cfg: TrainConfig, store, train_rows, n_train_rows: int):
+        self.cfg, self.store, self.train_rows, self.n_train_rows = cfg, store, train_rows, n_train_rows
+        self.out = Path(cfg.out_dir)
+        self.ckpt = self.out / "checkpoint"
+        self.n_steps = max(1, int(cfg.n_epochs * n_train_rows / cfg.batch_size))
+        self.d_sae = cfg.d_sae or cfg.expansion * store.d
+        self.lr = cfg.lr or default_lr(self.d_sae)
+        self.start_step = 0
+        self.trainer: SAETrainer | None = None
+        self.result: tuple[SAE, dict[str, Any]] | None = None
+        self.wall_seconds: float | None = None  # of the whole training loop this SAE was part of
+
+    @property
+    def finished(self) -> bool:
+        return (self.out / "metrics.json").exists() and (self.out / "sae" / "config.json").exists()
+
+    def checkpoint(self, step: int) -> None:
+        t = self.trainer
+        _save_checkpoint(self.ckpt, t.sae, t.optimizer, t.dead, step, history=(self.out / "history.jsonl", t.history))
+
+
+def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple[SAE, dict[str, Any]]]:
+    """Train every SAE of `cfgs` from one read of their stores: each step draws one batch from each store and steps
+    every SAE of that store on it. Returns (SAE, metrics) per config, in order; each run folder gets what `train`
+    writes (sae/, metrics.json, history.jsonl, curves.png, checkpoint/ while running).
+
+    Configs on the same store must agree on `SHARED_PER_STORE` (ValueError otherwise); widths, k, activations,
+    learning rates, epochs (each SAE stops at its own n_steps) and devices may differ. Re-running the same list resumes
+    every SAE from its own checkpoint; finished SAEs are loaded, not retrained.
+    """
     from nacosae.store import ActivationStore
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    store = ActivationStore(cfg.store)
-    train_rows, val_rows = store.split(cfg.val_fraction, seed=cfg.seed)
-    n_train_rows = store.n_rows_in(train_rows)
-    n_steps = max(1, int(cfg.n_epochs * n_train_rows / cfg.batch_size))
-    d_sae = cfg.d_sae or cfg.expansion * store.d
-    lr = cfg.lr or default_lr(d_sae)
-    ckpt = out / "checkpoint"
+    if not cfgs:
+        raise ValueError("no configs to train")
+    outs = [Path(c.out_dir).resolve() for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"two configs share an out_dir ({[str(o) for o in outs]}): give each SAE its own folder")
+    groups: dict[Path, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        groups.setdefault(Path(c.store).resolve(), []).append(i)
+    for path, idx in groups.items():
+        for key in SHARED_PER_STORE:
+            values = {getattr(cfgs[i], key) for i in idx}
+            if len(values) > 1:
+                raise ValueError(f"the SAEs on store {path} read one batch stream, so they need one {key}; got "
+                                 f"{sorted(values)}: set it the same, or train them in separate runs")
 
-    _check_run_config(out, cfg)
-    if (out / "metrics.json").exists() and (out / "sae" / "config.json").exists():  # finished before: nothing to redo
-        if progress:
-            print(f"{out} is already trained; delete metrics.json to train again")
-        return SAE.from_pretrained(out / "sae", device=cfg.device), json.loads((out / "metrics.json").read_text())
-    torch.manual_seed(cfg.seed)
-    if (ckpt / "trainer_state.json").exists():
-        sae, optimizer, dead, start_step = _load_checkpoint(ckpt, lr, cfg.device)
-        if progress:
-            print(f"resuming {out} at step {start_step}/{n_steps}")
-    else:
-        sae_cfg = SAEConfig(
-            d_in=store.d, d_sae=d_sae, activation=cfg.activation, k=cfg.k, l1_coeff=cfg.l1_coeff,
-            matryoshka_sizes=matryoshka_fractions(d_sae) if cfg.matryoshka else (), aux_k=cfg.aux_k,
-            provenance={**store.meta.get("provenance", {}), "store": str(Path(cfg.store).resolve().name), "n_train_rows": n_train_rows},
-        )
-        sae = SAE(sae_cfg, device=cfg.device).init_from_data(store.sample(min(n_train_rows, 65_536), seed=cfg.seed, rows=train_rows))
-        optimizer = make_optimizer(sae, lr)
-        dead_after = cfg.dead_after_rows or min(10_000_000, n_train_rows)
-        dead, start_step = DeadLatentTracker(d_sae, dead_after, cfg.device), 0
+    runs: list[_Run] = [None] * len(cfgs)  # type: ignore[list-item]
+    streams = []  # per store: (store, runs, val_rows)
+    for path, idx in groups.items():
+        store, c0 = ActivationStore(path), cfgs[idx[0]]
+        train_rows, val_rows = store.split(c0.val_fraction, seed=c0.seed)
+        n_train_rows = store.n_rows_in(train_rows)
+        init_sample = None  # one seeded sample initialises every SAE of this store, read once
+        for i in idx:
+            run = runs[i] = _Run(cfgs[i], store, train_rows, n_train_rows)
+            run.out.mkdir(parents=True, exist_ok=True)
+            _check_run_config(run.out, run.cfg)
+            if run.finished:  # finished before: nothing to redo
+                if progress:
+                    print(f"{run.out} is already trained; delete metrics.json to train again")
+                run.result = (SAE.from_pretrained(run.out / "sae", device=run.cfg.device),
+                              json.loads((run.out / "metrics.json").read_text()))
+                continue
+            if (run.ckpt / "trainer_state.json").exists():
+                sae, optimizer, dead, run.start_step = _load_checkpoint(run.ckpt, run.lr, run.cfg.device)
+                if progress:
+                    print(f"resuming {run.out} at step {run.start_step}/{run.n_steps}")
+            else:
+                cfg = run.cfg
+                sae_cfg = SAEConfig(
+                    d_in=store.d, d_sae=run.d_sae, activation=cfg.activation, k=cfg.k, l1_coeff=cfg.l1_coeff,
+                    matryoshka_sizes=matryoshka_fractions(run.d_sae) if cfg.matryoshka else (), aux_k=cfg.aux_k,
+                    provenance={**store.meta.get("provenance", {}), "store": str(Path(cfg.store).resolve().name),
+                                "n_train_rows": n_train_rows},
+                )
+                if init_sample is None:
+                    init_sample = store.sample(min(n_train_rows, 65_536), seed=cfg.seed, rows=train_rows)
+                torch.manual_seed(cfg.seed)  # per SAE: its init does not depend on the other SAEs of the run
+                sae = SAE(sae_cfg, device=cfg.device).init_from_data(init_sample)
+                optimizer = make_optimizer(sae, run.lr)
+                dead = DeadLatentTracker(run.d_sae, cfg.dead_after_rows or min(10_000_000, n_train_rows), cfg.device)
+            sae.matmul_dtype = run.cfg.matmul_dtype
+            run.trainer = SAETrainer(sae, run.n_steps, run.lr, optimizer=optimizer, dead=dead,
+                                     warmup_steps=run.cfg.warmup_steps, log_every=run.cfg.log_every)
+            run.trainer.history = _read_history(run.out / "history.jsonl", upto_step=run.start_step)
+        live = [runs[i] for i in idx if runs[i].trainer is not None]
+        streams.append((store, live, val_rows))
+        del init_sample
 
-    sae.matmul_dtype = cfg.matmul_dtype
-    history_path = out / "history.jsonl"
-    history = _read_history(history_path, upto_step=start_step)
+    active = [(store, live) for store, live, _ in streams if live]
+    if active:
+        _train_loop(active, progress)
+    for store, live, val_rows in streams:
+        if live:
+            _finish(store, live, val_rows)
+    return [run.result for run in runs]
 
-    def on_log(row):
-        history.append(row)
 
-    def on_step(step):
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < n_steps:
-            _save_checkpoint(ckpt, sae, optimizer, dead, step + 1)
-            _write_history(history_path, history)
-
-    # A resumed run draws a fresh, seeded data order from its step on: batches are not replayed.
-    batches = store.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + start_step, rows=train_rows, device=cfg.device)
+def _train_loop(active: list, progress: bool) -> None:
+    """Steps from the earliest resume point to the last SAE's end: each store's stream yields one batch per step while
+    any of its SAEs trains, and every SAE of that store that is within [its start, its n_steps) steps on it."""
+    loops = []
+    for store, live in active:
+        c0 = live[0].cfg
+        start, end = min(r.start_step for r in live), max(r.n_steps for r in live)
+        devices = {str(r.cfg.device) for r in live}
+        # A resumed run draws a fresh, seeded data order from its step on: batches are not replayed.
+        batches = store.iter_batches(c0.batch_size, shuffle=True, seed=c0.seed * 1_000_003 + start, rows=live[0].train_rows,
+                                     device=devices.pop() if len(devices) == 1 else "cpu")
+        loops.append((iter(batches), live, start, end))
+    first, last = min(lp[2] for lp in loops), max(lp[3] for lp in loops)
+    all_runs = [run for _, live, _, _ in loops for run in live]
+    n_saes = len(all_runs)
+    bar = tqdm(range(first, last), initial=first, total=last, dynamic_ncols=True, disable=not progress,
+               desc="train SAE" if n_saes == 1 else f"train {n_saes} SAEs")
     t0 = time.perf_counter()
-    fit(sae, batches, n_steps, lr, start_step=start_step, optimizer=optimizer, dead=dead, warmup_steps=cfg.warmup_steps,
-        log_every=cfg.log_every, on_log=on_log, on_step=on_step, progress=progress)
-    train_seconds = time.perf_counter() - t0
+    for step in bar:
+        for it, live, start, end in loops:
+            if not start <= step < end:
+                continue
+            x_BD = next(it)
+            for run in live:
+                if not run.start_step <= step < run.n_steps:
+                    continue
+                run.trainer.step(x_BD, step)
+                every = run.cfg.checkpoint_every
+                if (step + 1) % every == 0 and step + 1 < run.n_steps:
+                    run.checkpoint(step + 1)
+                elif step + 1 == run.n_steps and step + 1 < last:
+                    run.checkpoint(step + 1)  # done while others train on: a kill must not lose its last steps
+        rows = [run.trainer.last for run in all_runs if run.trainer.last is not None]
+        if n_saes == 1 and rows:
+            bar.set_postfix(fvu=f"{rows[0]['fvu']:.3f}", l0=f"{rows[0]['l0']:.1f}", dead=f"{rows[0]['dead_fraction']:.2f}")
+        elif rows:
+            bar.set_postfix(fvu=" ".join(f"{row['fvu']:.2f}" for row in rows))
+    bar.close()
+    wall = time.perf_counter() - t0
+    for run in all_runs:
+        run.wall_seconds = wall
 
-    sae.eval()
+
+def _finish(store, live: list[_Run], val_rows) -> None:
+    """Validation of every SAE of one store from one pass over its held-out images; then each SAE's files."""
+    from nacosae.metrics import RunningSAEMetrics
+
+    c0 = live[0].cfg
+    for run in live:
+        run.trainer.sae.eval()
+    metrics = [RunningSAEMetrics() for _ in live]
     with torch.no_grad():
-        val = evaluate_sae(sae, store.iter_batches(cfg.batch_size, shuffle=False, n_epochs=1, rows=val_rows, device=cfg.device))
-    metrics = {
-        **{f"val_{k}": v for k, v in val.items()},
-        "train_fvu_last": history[-1]["fvu"] if history else None,
-        "dead_fraction_train": dead.dead_mask_S.float().mean().item(),
-        "n_steps": n_steps,
-        "n_train_rows": n_train_rows,
-        "rows_per_s": (n_steps - start_step) * cfg.batch_size / max(train_seconds, 1e-9),
-        "d_in": store.d,
-        "d_sae": d_sae,
-        "activation": cfg.activation,
-        "k": cfg.k,
-        "lr": lr,
-    }
-    sae.save_pretrained(out / "sae")
-    _write_history(history_path, history)
-    plot_curves(history, out / "curves.png", title=f"{Path(cfg.store).name} · {cfg.activation} k={cfg.k} · d_sae={d_sae}")
-    atomic_write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return sae, metrics
+        for x_BD in store.iter_batches(c0.batch_size, shuffle=False, n_epochs=1, rows=val_rows):
+            for run, m in zip(live, metrics, strict=True):
+                sae = run.trainer.sae
+                x = x_BD.to(sae.W_dec.device, torch.float32)
+                codes_BS = sae.encode(x)
+                m.update(x, sae.decode(codes_BS), codes_BS)
+    for run, m in zip(live, metrics, strict=True):
+        t, cfg = run.trainer, run.cfg
+        val = m.compute()
+        history = t.history
+        result = {
+            **{f"val_{k}": v for k, v in val.items()},
+            "train_fvu_last": history[-1]["fvu"] if history else None,
+            "dead_fraction_train": t.dead.dead_mask_S.float().mean().item(),
+            "n_steps": run.n_steps,
+            "n_train_rows": run.n_train_rows,
+            # What this SAE got in this session: its rows per second of the run's wall time (shared with the other
+            # SAEs of the run and the reads), and per second of its own steps.
+            "rows_per_s": t.rows_done / max(run.wall_seconds or t.seconds, 1e-9),
+            "step_rows_per_s": t.rows_done / max(t.seconds, 1e-9),
+            "n_saes_in_run": len(live),
+            "d_in": run.store.d,
+            "d_sae": run.d_sae,
+            "activation": cfg.activation,
+            "k": cfg.k,
+            "lr": run.lr,
+        }
+        t.sae.save_pretrained(run.out / "sae")
+        _write_history(run.out / "history.jsonl", history)
+        plot_curves(history, run.out / "curves.png", title=f"{Path(cfg.store).name} · {cfg.activation} k={cfg.k} · d_sae={run.d_sae}")
+        atomic_write_json(run.out / "metrics.json", result)  # last: its presence marks the run finished
+        shutil.rmtree(run.ckpt, ignore_errors=True)
+        run.result = (t.sae, result)
 
 
 def _check_run_config(out: Path, cfg: TrainConfig) -> None:
@@ -270,9 +425,13 @@ def _check_run_config(out: Path, cfg: TrainConfig) -> None:
     atomic_write_json(path, mine)
 
 
-def _save_checkpoint(ckpt: Path, sae: SAE, optimizer: torch.optim.Optimizer, dead: DeadLatentTracker, step: int) -> None:
-    # Order matters for crash safety: trainer_state.json is written last and names the step the others belong to.
-    sae.save_pretrained(ckpt)
+def _save_checkpoint(ckpt: Path, sae: SAE, optimizer: torch.optim.Optimizer, dead: DeadLatentTracker, step: int,
+                     history: tuple[Path, list[dict[str, Any]]] | None = None) -> None:
+    """Crash-safe: the step's files go to a fresh folder ckpt/step-NNNNNNNNN/, then the history, and last
+    trainer_state.json, which names that folder; a kill at any point leaves the previous state file naming complete
+    files (history rows past a checkpoint's step are dropped on resume). Older step folders are removed after."""
+    folder = ckpt / f"step-{step:09d}"
+    sae.save_pretrained(folder)
     opt_tensors = {}
     for i, p in enumerate(sae.parameters()):
         state = optimizer.state.get(p, {})
@@ -280,15 +439,22 @@ def _save_checkpoint(ckpt: Path, sae: SAE, optimizer: torch.optim.Optimizer, dea
             if key in state:
                 opt_tensors[f"{i}.{key}"] = torch.as_tensor(state[key]).float()
     opt_tensors["dead.rows_since_fire"] = dead.rows_since_fire_S
-    atomic_save_safetensors(ckpt / "optimizer.safetensors", opt_tensors)
-    atomic_write_json(ckpt / "trainer_state.json", {"step": step, "dead_after_rows": dead.dead_after_rows})
+    atomic_save_safetensors(folder / "optimizer.safetensors", opt_tensors)
+    if history is not None:
+        _write_history(*history)
+    atomic_write_json(ckpt / "trainer_state.json", {"step": step, "dead_after_rows": dead.dead_after_rows,
+                                                    "dir": folder.name})
+    for old in ckpt.glob("step-*"):
+        if old.name != folder.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(ckpt: Path, lr: float, device: str):
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    sae = SAE.from_pretrained(ckpt, device=device).train()
+    folder = ckpt / state["dir"] if "dir" in state else ckpt  # checkpoints before step folders: files in ckpt itself
+    sae = SAE.from_pretrained(folder, device=device).train()
     optimizer = make_optimizer(sae, lr)
-    tensors = load_file(ckpt / "optimizer.safetensors", device=str(device))
+    tensors = load_file(folder / "optimizer.safetensors", device=str(device))
     for i, p in enumerate(sae.parameters()):
         if f"{i}.exp_avg" in tensors:
             optimizer.state[p] = {

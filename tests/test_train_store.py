@@ -1,5 +1,7 @@
-"""Training from a real activation store: metrics, curves, checkpoints, resume after SIGKILL, config guard."""
+"""Training from real activation stores: metrics, curves, checkpoints, resume after SIGKILL, config guard; many SAEs
+from one read, each equal to its own run, each resuming on its own."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -13,25 +15,34 @@ import torch
 from torch import nn
 
 from nacosae.backbones import load_backbone
-from nacosae.extract import extract
+from nacosae.extract import extract_many
 from nacosae.images import SkimageSource
 from nacosae.sae import SAE
-from nacosae.train import TrainConfig, train
+from nacosae import train as train_module
+from nacosae.store import ActivationStore
+from nacosae.train import TrainConfig, train, train_many
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    """A real store: a small random CNN's 8×8 map (64 tokens of 16 channels) over scikit-image's photos."""
+def stores(tmp_path_factory):
+    """Two real stores from one pass of a small random CNN over scikit-image's 19 photos: its 16×16 map after the
+    first conv and ReLU (store "1": 256 tokens of 8 channels) and its 8×8 map (store "2": 64 tokens of 16 channels)."""
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
     cnn.eval()
     to_32px = lambda img: torch.from_numpy(np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.float32) / 255).permute(2, 0, 1)
     bb = load_backbone("module", model=cnn, preprocess=to_32px, name="tiny-cnn", weights="seed0", input_shape=(3, 32, 32))
-    out = tmp_path_factory.mktemp("store") / "acts"
-    extract(SkimageSource(), bb, "2", "spatial", out, batch_size=8, shard_rows=256, dtype="float32", progress=False)
-    return out
+    root = tmp_path_factory.mktemp("store") / "acts"
+    extract_many(SkimageSource(), bb, [("1", "spatial", root / "1"), ("2", "spatial", root / "2")], batch_size=8,
+                 shard_rows=256, dtype="float32", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store_dir(stores):
+    return stores / "2"
 
 
 def _cfg(store_dir, out_dir, **kw):
@@ -90,3 +101,108 @@ def test_finished_run_is_not_redone_and_not_overwritten_by_another_config(store_
     assert again == metrics and (out / "sae" / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="another config"):
         train(_cfg(store_dir, out, n_epochs=2, k=8), progress=False)
+
+
+# ---------------------------------------------------------------- many SAEs per read
+def _many(stores, root, **kw):
+    """Four SAEs on two stores: widths, k, activations and epochs differ."""
+    specs = [("2", "a", dict(expansion=4, k=4)), ("2", "b", dict(activation="batchtopk", d_sae=48, k=2, n_epochs=1)),
+             ("2", "c", dict(activation="relu", expansion=2, l1_coeff=1e-3)), ("1", "d", dict(expansion=2, k=3, n_epochs=2))]
+    return [_cfg(stores / s, root / name, **{**spec, **kw}) for s, name, spec in specs]
+
+
+def _same_sae(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def _history(run):
+    return [json.loads(line) for line in (Path(run) / "history.jsonl").read_text().splitlines()]
+
+
+def test_many_saes_from_one_read_equal_separate_runs(stores, tmp_path, monkeypatch):
+    reads = []
+    real = ActivationStore.iter_batches
+    monkeypatch.setattr(ActivationStore, "iter_batches",
+                        lambda self, *a, **k: reads.append((self.path.name, k.get("shuffle", True))) or real(self, *a, **k))
+    cfgs = _many(stores, tmp_path / "many")
+    together = train_many(cfgs, progress=False)
+    assert sorted(reads) == [("1", False), ("1", True), ("2", False), ("2", True)]  # one train and one val read per store
+    for cfg, (sae, metrics) in zip(cfgs, together, strict=True):
+        alone_cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "alone" / Path(cfg.out_dir).name))
+        alone, alone_metrics = train(alone_cfg, progress=False)
+        assert _same_sae(sae, alone), cfg  # bit for bit: same init, same batches, same steps
+        drop = ("rows_per_s", "step_rows_per_s", "n_saes_in_run")
+        assert {k: v for k, v in metrics.items() if k not in drop} == {k: v for k, v in alone_metrics.items() if k not in drop}
+        assert [r["fvu"] for r in _history(cfg.out_dir)] == [r["fvu"] for r in _history(alone_cfg.out_dir)]
+        assert (Path(cfg.out_dir) / "curves.png").is_file() and not (Path(cfg.out_dir) / "checkpoint").exists()
+        assert metrics["n_saes_in_run"] == (3 if Path(cfg.store).name == "2" else 1)
+    assert together[1][1]["n_steps"] < together[0][1]["n_steps"]  # its own schedule: fewer epochs, fewer steps
+
+
+def test_many_saes_resume_each_from_its_own_checkpoint(stores, tmp_path, monkeypatch, capsys):
+    """A kill lands between two SAEs' checkpoints (a at step 10; c, and d of the other store, still at 5; b finished its
+    one epoch and holds a checkpoint at its last step): the rerun resumes every SAE from its own step and loses
+    nothing: b, whose steps all ran before the kill, equals its uninterrupted run bit for bit."""
+    cfgs = _many(stores, tmp_path / "many")
+    real = train_module._Run.checkpoint
+
+    def power_cut(self, step):
+        if self.out.name == "c" and step == 10:
+            raise RuntimeError("power cut")
+        real(self, step)
+
+    monkeypatch.setattr(train_module._Run, "checkpoint", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_many(cfgs, progress=False)
+    monkeypatch.setattr(train_module._Run, "checkpoint", real)
+    state = {c.out_dir[-1]: json.loads((Path(c.out_dir) / "checkpoint/trainer_state.json").read_text())["step"] for c in cfgs}
+    n_b = _history(cfgs[1].out_dir)[-1]["step"] + 1  # b's last step ran and is in its history
+    assert state == {"a": 10, "b": n_b, "c": 5, "d": 5} and n_b < 10
+    capsys.readouterr()
+    results = train_many(cfgs, progress=True)
+    said = capsys.readouterr()
+    for name, step in state.items():
+        assert f"resuming {tmp_path / 'many' / name} at step {step}/" in said.out
+    for cfg, (_, metrics) in zip(cfgs, results, strict=True):
+        steps = [r["step"] for r in _history(cfg.out_dir)]
+        assert steps == sorted(set(steps)) and steps[-1] == metrics["n_steps"] - 1, cfg.out_dir
+        assert metrics["val_fvu"] < 1.0
+    alone, _ = train(dataclasses.replace(cfgs[1], out_dir=str(tmp_path / "alone-b")), progress=False)
+    assert _same_sae(results[1][0], alone)
+
+
+def test_saes_on_one_store_share_its_stream_settings(stores, tmp_path):
+    cfgs = [_cfg(stores / "2", tmp_path / "a"), _cfg(stores / "2", tmp_path / "b", batch_size=64)]
+    with pytest.raises(ValueError, match="one batch_size"):
+        train_many(cfgs, progress=False)
+    with pytest.raises(ValueError, match="share an out_dir"):
+        train_many([_cfg(stores / "2", tmp_path / "a"), _cfg(stores / "1", tmp_path / "a")], progress=False)
+
+
+def test_cli_sweep_sigkill_then_rerun_resumes_every_sae(stores, tmp_path):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, str(ROOT / "hub_scripts/train_sae.py"), "--store", str(stores / "2"), "--store", str(stores / "1"),
+           "--out-dir", str(out), "--sweep", "k=2,4", "--expansion", "2", "--batch-size", "64", "--n-epochs", "20",
+           "--checkpoint-every", "5", "--log-every", "1", "--val-fraction", "0.2"]
+    runs = [out / s / f"k{k}" for s in ("2", "1") for k in (2, 4)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    states = [r / "checkpoint" / "trainer_state.json" for r in runs]
+    deadline = time.time() + 120
+    while not all(s.exists() for s in states) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert all(s.exists() for s in states), "no checkpoint of every SAE before the kill"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for run in runs:
+        assert f"resuming {run} at step" in done.stdout
+        metrics = json.loads((run / "metrics.json").read_text())
+        steps = [r["step"] for r in _history(run)]
+        assert steps == sorted(set(steps)) and steps[-1] == metrics["n_steps"] - 1
+        assert SAE.from_pretrained(run / "sae").cfg.k == int(run.name[1:])
+    bad = tmp_path / "runs.json"
+    bad.write_text(json.dumps([{"store": str(stores / "2"), "out_dir": str(tmp_path / "x")},
+                               {"store": str(stores / "2"), "out_dir": str(tmp_path / "y"), "seed": 1}]))
+    res = subprocess.run([sys.executable, str(ROOT / "hub_scripts/train_sae.py"), "--runs", str(bad)], capture_output=True, text=True)
+    assert res.returncode != 0 and "need one seed" in res.stderr
