@@ -133,6 +133,7 @@ def _declare() -> dict[str, tuple[Column, ...]]:
 
 SCHEMA: dict[str, tuple[Column, ...]] = _declare()
 """THE declaration of the results dataset (docs/RESULTS_SCHEMA.md describes each column)."""
+_ARROW = {t: pa.schema([(c.name, c.type) for c in cols]) for t, cols in SCHEMA.items()}
 KEYS = {"features": ("sae_id", "feature"), "images": ("image_id",), "runs": ("sae_id",)}
 
 
@@ -163,8 +164,10 @@ def hf_features_metadata(table: str) -> dict[bytes, bytes]:
 
 
 def arrow_schema(table: str) -> pa.Schema:
-    """The parquet schema of one table, derived from `SCHEMA` (with the `datasets` features as metadata)."""
-    return pa.schema([(c.name, c.type) for c in _need_table(table)], metadata=hf_features_metadata(table))
+    """The Arrow schema of one table, derived from `SCHEMA`. The parquet files also carry `hf_features_metadata`,
+    added when they are written (it needs `datasets`, a second of import that reading the tables, e.g. when the app
+    starts, does without)."""
+    return _ARROW[table] if table in _ARROW else pa.schema([(c.name, c.type) for c in _need_table(table)])
 
 
 def _compatible(have: pa.DataType, want: pa.DataType) -> bool:
@@ -717,6 +720,7 @@ def write_results_tables(tables: dict[str, pa.Table], folder: str | os.PathLike,
     folder = Path(folder)
     for name in TABLES:
         t = conform(name, tables[name])
+        t = t.replace_schema_metadata(hf_features_metadata(name))  # so load_dataset decodes the image column
         d = folder / "data" / name
         if d.exists():
             for old in d.glob("*.parquet"):
