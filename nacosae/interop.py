@@ -130,7 +130,7 @@ def load_foreign_sae(
         raise FileNotFoundError(f"no file or folder {path}")
     fmt = format or detect_format(path)
     if fmt == "nacosae":
-        return SAE.from_pretrained(path, device=device)
+        return SAE.from_pretrained(path.parent if path.is_file() else path, device=device)
     readers = {"saev": _read_saev, "sae_lens": _read_sae_lens, "sparsify": _read_sparsify,
                "dictionary_learning": _read_dictionary_learning, "overcomplete": _read_overcomplete}
     if fmt not in readers:

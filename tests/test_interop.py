@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from nacosae.interop import FORMATS, complete_provenance, detect_format, export_sae_lens, load_foreign_sae
@@ -93,7 +93,9 @@ def test_formats_are_detected():
             assert detect_format(folder / _meta(folder)["subfolder"]) == "sparsify"
         else:
             assert detect_format(folder) == expected[lib]
-    assert detect_format(PEERS / "sae_lens_export" / "topk" / "nacosae") == "nacosae"
+    nacosae_folder = PEERS / "sae_lens_export" / "topk" / "nacosae"
+    assert detect_format(nacosae_folder) == detect_format(nacosae_folder / "config.json") == "nacosae"
+    assert load_foreign_sae(nacosae_folder / "config.json").cfg.activation == "topk"  # nacosae's own, handed over
 
 
 def test_provenance_read_from_the_peer_config():
@@ -304,3 +306,28 @@ def test_sae_lens_loads_a_fresh_export(tmp_path):
     x = torch.randn(16, sae.cfg.d_in) * 3
     with torch.no_grad():
         assert _max_diff(theirs.decode(theirs.encode(x)), sae.reconstruct(x)) <= TOL
+
+
+def test_older_layouts_map_as_their_libraries_map_them(tmp_path):
+    """A pre-6.0 SAELens cfg.json (hook_point, activation_fn_str, no architecture) and a dictionary_learning ae.pt
+    without its config.json still load to the same codes where the layout says enough, and are refused where not."""
+    folder = _copy(PEERS / "sae_lens" / "standard", tmp_path)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    old = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": "float32", "device": "cpu", "hook_point": "blocks.5",
+           "model_name": "efficientnet-lite0", "activation_fn_str": "relu", "sae_lens_version": "3.13.0"}
+    (folder / "cfg.json").write_text(json.dumps(old))
+    ref = load_file(str(folder / "reference.safetensors"))
+    sae = load_foreign_sae(folder)
+    with torch.no_grad():
+        assert _max_diff(sae.encode(ref["x_BD"]), ref["codes_BS"]) <= TOL
+    assert (sae.cfg.provenance["backbone"], sae.cfg.provenance["layer"]) == ("efficientnet-lite0", "blocks.5")
+
+    jump = _copy(PEERS / "dictionary_learning" / "jumprelu", tmp_path)
+    (jump / "config.json").unlink()
+    ref = load_file(str(jump / "reference.safetensors"))
+    with torch.no_grad():
+        assert _max_diff(load_foreign_sae(jump).encode(ref["x_BD"]), ref["codes_BS"]) <= TOL
+    topk = _copy(PEERS / "dictionary_learning" / "topk", tmp_path)
+    (topk / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="AutoEncoderTopK or BatchTopKSAE"):
+        load_foreign_sae(topk)
