@@ -46,6 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 2
+"""Stored in every parquet file's metadata (`nacosae_results_schema`); files without it are version 1."""
+_VERSION_KEY = b"nacosae_results_schema"
 TABLES = ("features", "images", "runs")
 METHODS = ("pool_mils", "retrieval", "mils", "mils_gemma", "top_label", "random", "vocab")
 """Every naming method has `name_<m>`, `cosy_auc_<m>`, `cosy_mad_<m>`, `cosy_render_ids_<m>` columns (null where the
@@ -637,7 +639,8 @@ def results_overview(tables: dict[str, pa.Table], repo_id: str, sae_repo: str | 
     n_feat = Counter(sids)
     named = Counter(s for s, n in zip(sids, feats.column("name").to_pylist()) if n not in (None, UNNAMED))
     methods = name_methods(feats)
-    formats = sorted({_format_of(c) for c in tables["images"].column("image").to_pylist()[:50]} - {None})
+    shown = {"PNG": "PNG", "WEBP": "WebP"}
+    formats = sorted({shown.get(f, f) for c in tables["images"].column("image").to_pylist()[:50] if (f := _format_of(c))})
 
     def fmt(x, spec):
         return spec.format(x) if isinstance(x, (int, float)) and math.isfinite(x) else "–"
@@ -720,7 +723,8 @@ def write_results_tables(tables: dict[str, pa.Table], folder: str | os.PathLike,
     folder = Path(folder)
     for name in TABLES:
         t = conform(name, tables[name])
-        t = t.replace_schema_metadata(hf_features_metadata(name))  # so load_dataset decodes the image column
+        # the features metadata lets load_dataset decode the image column; the version lets a reader refuse a newer one
+        t = t.replace_schema_metadata({**hf_features_metadata(name), _VERSION_KEY: str(SCHEMA_VERSION).encode()})
         d = folder / "data" / name
         if d.exists():
             for old in d.glob("*.parquet"):
@@ -784,6 +788,10 @@ def read_results_folder(folder: str | os.PathLike, tables: Sequence[str] = TABLE
                                     "(see docs/RESULTS_SCHEMA.md)")
         cols = (columns or {}).get(t)
         parts = [pq.read_table(f, columns=cols) for f in files]
+        version = max(int((p.schema.metadata or {}).get(_VERSION_KEY, b"1")) for p in parts)
+        if version > SCHEMA_VERSION:
+            raise ValidationError(f"{folder}/data/{t} was written with results schema {version}; this nacosae reads up to "
+                                  f"{SCHEMA_VERSION}: upgrade nacosae")
         table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
         out[t] = table if cols else conform(t, table)
     return out

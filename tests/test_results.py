@@ -17,6 +17,7 @@ from nacosae.results import (
     METHODS,
     MILS_METHODS,
     SCHEMA,
+    SCHEMA_VERSION,
     TABLES,
     THUMBNAIL_FORMATS,
     UNNAMED_REASONS,
@@ -147,10 +148,20 @@ def test_round_trip_with_load_dataset(written, tmp_path):
 
     direct = datasets.load_dataset(str(out), "features", split="train", cache_dir=str(tmp_path / "hf2"))
     assert direct["feature"] == [3, 7]
-    # the parquet files carry exactly the declared schema
+    # the parquet files carry exactly the declared schema, and its version
     for t in TABLES:
         for f in (out / "data" / t).glob("*.parquet"):
             assert pq.read_schema(f).remove_metadata().equals(arrow_schema(t).remove_metadata())
+            assert pq.read_schema(f).metadata[b"nacosae_results_schema"] == str(SCHEMA_VERSION).encode()
+
+
+def test_a_dataset_from_a_newer_schema_is_refused(written):
+    out, _ = written
+    f = next((out / "data" / "runs").glob("*.parquet"))
+    t = pq.read_table(f)
+    pq.write_table(t.replace_schema_metadata({**t.schema.metadata, b"nacosae_results_schema": b"99"}), f)
+    with pytest.raises(ValidationError, match="schema 99.*upgrade nacosae"):
+        read_results_folder(out)
 
 
 def test_load_dataset_without_a_config_name_reads_features(written, tmp_path):
