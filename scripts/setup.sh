@@ -2,7 +2,7 @@
 # Sets up a fresh machine: the Debian data packages (offline images, Fashion-MNIST, WordNet) and a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES="openclipart-png dataset-fashion-mnist wordnet-base chromium"
+APT_PACKAGES="openclipart-png dataset-fashion-mnist wordnet-base fonts-noto-color-emoji unicode-cldr-core chromium"
 
 missing=""
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -1,0 +1,236 @@
+"""Name every feature of an SAE with one call: bank → pool → all methods → held-out CoSy → results rows.
+
+    out = name_every_feature(sae, backbone, layer, tokens, work_dir=run.naming(layer))
+    out.rows                      # one dict per feature: name, method, held-out CoSy, why unnamed
+    out.summary                   # the comparison table, the loop's gain, renders per feature, timings
+
+Methods (METHODS §3): `pool_mils` (the all-feature MILS loop on the shared pool; its name is the pipeline's),
+`retrieval` (the bank's own descriptions and keywords as the only prompts: the bar the loop must clear offline),
+`mils` (the classic per-feature loop on a seeded subsample: the cost comparison), `top_label` (majority category of
+the feature's top search-split pictures), `random` (a random vocabulary word: the floor). Names are chosen without
+looking at the eval split; the eval split is touched once, by CoSy.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nacosae.io import atomic_write_json
+from nacosae.naming.bank import Bank, offline_bank
+from nacosae.naming.engine import BankRetrieval, EngineConfig, MethodResult, NamingEngine, paired_bootstrap
+from nacosae.naming.pool import RenderPool, fill_pool, sae_fingerprint
+
+METHODS = ("pool_mils", "retrieval", "mils", "top_label", "random")
+DENSE_FREQUENCY = 0.5
+"""A feature firing on more than this share of the bank's pictures is dense (as in the feature statistics)."""
+N_HINTS = 16
+
+
+@dataclass
+class NamingOutput:
+    rows: list[dict[str, Any]]
+    """One per feature: feature, name, name_method, candidate_name, name_cosy_auc, name_cosy_mad, name_split_score,
+    unnamed_reason, and name_/cosy_auc_/cosy_mad_/cosy_render_ids_ per method."""
+    summary: dict[str, Any]
+    results: dict[str, MethodResult] = field(default_factory=dict)
+    pool: RenderPool | None = None
+    bank: Bank | None = None
+
+
+def encode_fn(backbone, layer: str, tokens: str, sae, aggregation: str = "max", batch_size: int = 64):
+    """images → (n, d_sae) image-level codes: the backbone layer, the SAE on every token, the token aggregation."""
+    from nacosae.naming.scorer import FeatureScorer
+
+    scorer = FeatureScorer(backbone, layer, tokens, sae, aggregation, batch_size=batch_size)
+    every = list(range(sae.cfg.d_sae))
+    return lambda images: scorer.activations(images, every)
+
+
+def feature_hints(bank: Bank, pool: RenderPool, feature: int, split: str = "search", n: int = N_HINTS) -> list[str]:
+    """Descriptions of the feature's top `n` pictures of a split, best first, each once: the seed hints of the naming
+    loop, offline and live (METHODS §3.1 step 1)."""
+    rows = pool.rows_where(split=split)
+    if not rows:
+        return []
+    acts = pool.codes(rows)[:, feature]
+    top = torch.argsort(-acts, stable=True)[:n]
+    return list(dict.fromkeys(pool.rows[rows[i]]["prompt"] for i in top.tolist() if acts[i] > 0))
+
+
+def bank_pool(bank: Bank, backbone, layer: str, tokens: str, sae, folder, aggregation: str = "max",
+              progress: bool = True) -> RenderPool:
+    """The pool of every bank picture's image-level code (encoded once; resumes after a kill; refuses a folder made
+    with another SAE, layer or bank)."""
+    meta = {"d_sae": sae.cfg.d_sae, "sae": sae_fingerprint(sae), "layer": layer, "tokens": tokens,
+            "aggregation": aggregation, "source": bank.id}
+    pool = RenderPool.open(folder, meta)
+    rows = [{"render_id": it.item_id, "item": it.item_id, "prompt": it.description, "seed": 0, "split": it.split}
+            for it in bank.items]
+    fill_pool(pool, rows, bank.load_image, encode_fn(backbone, layer, tokens, sae, aggregation), progress=progress,
+              desc="encoding the bank")
+    return pool
+
+
+def name_every_feature(sae, backbone, layer: str, tokens: str, work_dir, bank: Bank | None = None,
+                       cfg: EngineConfig = EngineConfig(), proposer=None, aggregation: str = "max",
+                       n_per_feature_mils: int = 48, progress: bool = True, features: Sequence[int] | None = None,
+                       embedder=None) -> NamingOutput:
+    """Name all live features (module docstring). `work_dir` keeps the pool and the loop's state (resumable).
+    `proposer`: default the offline WordNet `VocabularyProposer`. `features`: a subset (tests)."""
+    from nacosae.naming.generators import TextEmbedder
+    from nacosae.naming.proposers import VocabularyProposer
+    from nacosae.naming.vocab import load_vocabulary
+
+    t0 = time.perf_counter()
+    work = Path(work_dir)
+    bank = bank if bank is not None else offline_bank(progress=progress)
+    pool = bank_pool(bank, backbone, layer, tokens, sae, work / "pool", aggregation, progress)
+    t_pool = time.perf_counter() - t0
+    embedder = embedder if embedder is not None else TextEmbedder()
+    renderer = BankRetrieval(bank, pool, embedder, cfg.n_controls, cfg.seed)
+    engine = NamingEngine(renderer, cfg)
+    t_setup = time.perf_counter() - t0
+
+    codes = pool.dense()
+    freq_S = (codes > 0).float().mean(0)
+    dead = set(torch.nonzero(codes.amax(0) <= 0).flatten().tolist())
+    dense = set(torch.nonzero(freq_S > DENSE_FREQUENCY).flatten().tolist())
+    all_feats = list(features) if features is not None else list(range(sae.cfg.d_sae))
+    live = [j for j in all_feats if j not in dead]
+    vocab = load_vocabulary()
+    proposer = proposer if proposer is not None else VocabularyProposer(vocab)
+    hints = {j: feature_hints(bank, pool, j) for j in live}
+
+    timings = {}
+    t = time.perf_counter()
+    bank_prompts = bank.prompts("search")
+    results = {"retrieval": engine.retrieval(live, bank_prompts)}
+    timings["retrieval"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results["pool_mils"] = engine.mils(live, bank_prompts, proposer, work / "state" / "pool_mils", shared=True,
+                                       hints=hints, progress=progress)
+    timings["pool_mils"] = time.perf_counter() - t
+    # the classic per-feature loop on a seeded subsample: 12 seeds each (top-picture hints + vocabulary)
+    from nacosae.naming.mils import seed_prompts
+
+    sub = sorted(random.Random(cfg.seed).sample(live, min(n_per_feature_mils, len(live))))
+    t = time.perf_counter()
+    seeds = {j: seed_prompts(vocab, 12, seed=cfg.seed + j, hints=hints[j][:6]) for j in sub}
+    results["mils"] = engine.mils(sub, seeds, proposer, work / "state" / "mils", shared=False, hints=hints,
+                                  progress=progress)
+    timings["mils"] = time.perf_counter() - t
+    # baselines
+    top_label = {}
+    search_rows = pool.rows_where(split="search")
+    label_of = {it.item_id: it.label for it in bank.items}
+    acts = pool.codes(search_rows)
+    for j in live:
+        top = torch.argsort(-acts[:, j], stable=True)[:16].tolist()
+        labels = [label_of[pool.rows[search_rows[i]]["item"]] for i in top if acts[i, j] > 0]
+        top_label[j] = Counter(labels).most_common(1)[0][0].replace("_", " ") if labels else None
+    results["top_label"] = engine.fixed(top_label)
+    rng = random.Random(cfg.seed)
+    results["random"] = engine.fixed({j: rng.choice(vocab.words) for j in live})
+    timings["total"] = time.perf_counter() - t0
+
+    rows = feature_rows(all_feats, results, dead, dense, cfg.threshold, pool)
+    summary = summarise(rows, results, live, cfg, bank, pool)
+    summary["timings_s"] = {"pool": round(t_pool, 1), "setup": round(t_setup, 1),
+                            **{k: round(v, 2) for k, v in timings.items()}}
+    summary["n_features"], summary["n_dead"], summary["n_dense"] = len(all_feats), len(dead & set(all_feats)), len(dense & set(all_feats))
+    atomic_write_json(work / "summary.json", summary)
+    return NamingOutput(rows, summary, results, pool, bank)
+
+
+def feature_rows(features: Sequence[int], results: dict[str, MethodResult], dead: set[int], dense: set[int],
+                 threshold: float, pool: RenderPool) -> list[dict[str, Any]]:
+    """The naming columns of the results `features` table, one row per feature (docs/RESULTS_SCHEMA.md)."""
+    rows = []
+    chosen = results["pool_mils"]
+    for j in features:
+        r: dict[str, Any] = {"feature": int(j)}
+        for m, res in results.items():
+            r[f"name_{m}"] = res.names.get(j)
+            r[f"cosy_auc_{m}"] = res.auc.get(j)
+            r[f"cosy_mad_{m}"] = res.mad.get(j)
+            r[f"cosy_render_ids_{m}"] = [pool.rows[i]["render_id"] for i in res.eval_rows[j]] if j in res.eval_rows else None
+        if j in dead:
+            r.update(name="unnamed", name_method=None, candidate_name=None, name_cosy_auc=None, name_cosy_mad=None,
+                     name_split_score=None, unnamed_reason="dead")
+        else:
+            auc = chosen.auc.get(j)
+            ok = auc is not None and auc >= threshold
+            r.update(candidate_name=chosen.names.get(j), name_cosy_auc=auc, name_cosy_mad=chosen.mad.get(j),
+                     name_split_score=chosen.split_score.get(j),
+                     name=chosen.names[j] if ok else "unnamed", name_method="pool_mils" if ok else None,
+                     unnamed_reason=None if ok else ("dense" if j in dense else "below_threshold"))
+        r["pool_mils_history"] = chosen.history.get(j)
+        rows.append(r)
+    return rows
+
+
+def summarise(rows, results: dict[str, MethodResult], live: Sequence[int], cfg: EngineConfig, bank: Bank,
+              pool: RenderPool) -> dict[str, Any]:
+    """The comparison table (every method over the features it ran on), paired intervals, the loop's gain over its
+    best seed prompt, renders per feature, and the emoji keyword check."""
+    table = []
+    for m, res in results.items():
+        a = np.array([res.auc[j] for j in live if j in res.auc])
+        d = np.array([res.mad[j] for j in live if j in res.mad])
+        table.append({"method": m, "n": int(a.size), "auc_mean": float(a.mean()) if a.size else None,
+                      "auc_std": float(a.std()) if a.size else None, "mad_mean": float(d.mean()) if d.size else None,
+                      "mad_std": float(d.std()) if d.size else None,
+                      "share_auc_ge_threshold": float((a >= cfg.threshold).mean()) if a.size else None,
+                      "renders_per_feature": (float(np.mean([res.renders[j] for j in res.renders]))
+                                              if res.renders else None)})
+    pm = results["pool_mils"]
+    # every live feature counts: its chosen name's held-out AUC, named or not
+    all_live = np.array([pm.auc.get(j, 0.5) for j in live])
+    pairs = {}
+    for other in ("retrieval", "top_label", "random", "mils"):
+        common = [j for j in live if j in pm.auc and j in results[other].auc]
+        pairs[f"pool_mils - {other}"] = paired_bootstrap([pm.auc[j] for j in common], [results[other].auc[j] for j in common])
+    # the loop's gain over its best seed prompt: the retrieval method *is* the seed round followed by the same selection
+    named = [r for r in rows if r["name_method"]]
+    return {
+        "engine_config": asdict(cfg), "bank": bank.id, "pool_rows": len(pool), "pool_bytes": pool.nbytes(),
+        "table": table, "paired": pairs, "loop_gain_over_seeds": pairs["pool_mils - retrieval"],
+        "mean_auc_all_live": float(all_live.mean()) if all_live.size else None,
+        "n_live": len(live), "n_named": len(named),
+        "emoji_keyword_check": emoji_keyword_check(results, live, bank, pool),
+        "split_sizes": {s: int(len(bank.indices(s))) for s in ("search", "select", "eval")},
+    }
+
+
+def emoji_keyword_check(results: dict[str, MethodResult], live: Sequence[int], bank: Bank, pool: RenderPool,
+                        top: int = 16) -> dict[str, Any]:
+    """For features whose top pictures (whole bank) are mostly emoji: the share whose name shares a CLDR keyword with
+    the majority of those pictures, per method (the random word is the floor)."""
+    item = {it.item_id: it for it in bank.items}
+    codes = pool.dense()
+    out: dict[str, Any] = {}
+    feats = []
+    kw_sets = {}
+    for j in live:
+        idx = torch.argsort(-codes[:, j], stable=True)[:top].tolist()
+        its = [item[pool.rows[i]["item"]] for i in idx if codes[i, j] > 0]
+        emo = [it for it in its if it.source == "emoji"]
+        if len(its) >= 4 and len(emo) > len(its) / 2:
+            counts = Counter(k for it in emo for k in set(it.keywords))
+            kw_sets[j] = {k for k, c in counts.items() if c > len(emo) / 2}
+            feats.append(j)
+    out["n_features"] = len(feats)
+    for m, res in results.items():
+        hit = [bool(set((res.names.get(j) or "").split()) & kw_sets[j]) for j in feats if j in res.names]
+        out[m] = float(np.mean(hit)) if hit else None
+    return out
