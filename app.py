@@ -7,8 +7,13 @@
 
 With no network (or repos that do not load) the app serves the bundled demo in `demo/` (built by
 hub_scripts/build_demo.py from the offline default: EfficientNet-Lite0 blocks.14 SAE on Open Clip Art).
-All work happens in `nacosae.serve`; this file is the UI. GPU-side work sits in `@spaces.GPU` functions that return
-CPU data and fit one ZeroGPU call; the live naming loop runs in resumable chunks across calls.
+All work happens in `nacosae.serve`, which returns data; this file is the UI: it lays out the page and turns that
+data into markdown and captions. GPU-side work sits in `@spaces.GPU` functions that return CPU data and fit one
+ZeroGPU call; the live naming loop runs in resumable chunks across calls.
+
+Visitors: the "Load other repos" box takes Hub ids only (`serve.visitor_source`: validated, only the needed files,
+size-capped); local folders come only from the flags and environment above. Every message a visitor sees goes
+through `serve.public_message`, so no server path reaches the page.
 """
 
 import spaces  # noqa: I001 - first: on ZeroGPU it must patch CUDA before torch initialises it
@@ -17,6 +22,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import threading
@@ -91,14 +97,14 @@ def startup_explorer(args) -> tuple[serve.Explorer, str]:
     if not args.demo:
         try:
             ex = serve.open_explorer(serve.Source(args.sae_repo, args.results_repo, args.revision, label="configured repos"))
-            return ex, "\n".join(f"⚠️ {w}" for w in ex.warnings)
+            return ex, "\n".join(f"⚠️ {serve.public_message(w)}" for w in ex.warnings)
         except serve.ServeError as e:
             reason = str(e).splitlines()[0]
             print(f"[app] {reason}; serving the bundled demo", file=sys.stderr)
             if not Path(DEMO.results_repo).is_dir():
                 raise SystemExit(f"{reason}, and there is no bundled demo in {DEMO.results_repo}: run "
                                  "hub_scripts/build_demo.py, or pass --sae-repo/--results-repo local folders") from e
-            notice = f"Showing the **bundled demo**: {reason}"
+            notice = f"Showing the **bundled demo**: {serve.public_message(reason)}"
             return serve.open_explorer(DEMO), notice
     return serve.open_explorer(DEMO), ""
 
@@ -109,31 +115,99 @@ _READY.set()
 
 # ================================================================================================ handler plumbing
 def _explorer(key: str) -> serve.Explorer:
-    sae_repo, results_repo, revision = json.loads(key)
-    return serve.open_explorer(serve.Source(sae_repo, results_repo, revision))
+    """The session's source: a key only looks up an explorer that is already open, it never opens one."""
+    return serve.explorer(key)
 
 
 def user_errors(fn):
-    """ServeError → gr.Error: the user sees the message, the app keeps serving."""
+    """ServeError → gr.Error: the user sees the message (never a server path), the app keeps serving."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except serve.ServeError as e:
-            raise gr.Error(str(e), duration=None) from e
+            raise gr.Error(serve.public_message(str(e)), duration=None) from e
     return wrapper
+
+
+# ================================================================================================ formatting
+def _fmt(x, spec: str = "{:.3f}") -> str:
+    """A number for a table or sentence; '–' for a missing or non-finite one."""
+    return spec.format(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else "–"
+
+
+def feature_title(page: serve.FeaturePage) -> str:
+    by = f" · name by {page.name_method}" if page.name_method else ""
+    return f"### Feature #{page.feature} · {page.name}  \n<small>{page.sae_id}{by}</small>"
+
+
+def feature_summary(page: serve.FeaturePage) -> str:
+    st = page.stats
+    text = (f"fires on **{(st['image_frequency'] or 0) * 100:.2f} %** of probe images "
+            f"({(st['token_frequency'] or 0) * 100:.2f} % of tokens) · max activation **{_fmt(st['max_act'], '{:.2f}')}** · "
+            f"mean {_fmt(st['mean_act'])} (image level: {st['aggregation']} over tokens)")
+    if st.get("ms") is not None:
+        text += f" · Monosemanticity Score **{_fmt(st['ms'])}**" + (f" ({st['ms_encoder']})" if st.get("ms_encoder") else "")
+    flags = (["**dead** (never fired on the probe set)"] if st["dead"] else []) + (
+        ["**dense** (fires on more than half of the images)"] if st["dense"] else [])
+    return text + ("\n\n" + "; ".join(flags) if flags else "")
+
+
+def names_table(page: serve.FeaturePage):
+    import pandas as pd
+
+    n = page.names
+    return pd.DataFrame({"method": n["method"], "name": [x if isinstance(x, str) else "–" for x in n["name"]],
+                         "CoSy AUC": [_fmt(x) for x in n["cosy_auc"]], "CoSy MAD": [_fmt(x, "{:.2f}") for x in n["cosy_mad"]],
+                         "published": ["✓" if x else "" for x in n["published"]]},
+                        columns=["method", "name", "CoSy AUC", "CoSy MAD", "published"])
+
+
+def mils_summary(page: serve.FeaturePage) -> str:
+    if not page.mils_runs:
+        return "No MILS run for this feature in the results dataset: name it live in the *Live naming* tab."
+    parts = [f"**{r.method}** tried {r.n_prompts} prompts over {r.n_iterations} iterations; best *{r.best_prompt}* "
+             f"({r.best_score:.3f})" + (f" → name **{r.name}**" if r.name else "") for r in page.mils_runs]
+    return "  \n".join(parts) + "  \nScores: the feature's activation on a prompt's renders, divided by its max on the probe set."
+
+
+def render_captions(items) -> list:
+    """(image, caption) pairs of renders: score · prompt (· loop, when not the plain MILS one)."""
+    return [(it.image, f"{_fmt(it.score, '{:.2f}')} · {it.label}" + (f" ({it.method})" if it.method not in (None, "mils") else ""))
+            for it in items]
 
 
 def page_outputs(page: serve.FeaturePage):
     # bins in their numeric order: the plot would otherwise sort the interval labels as text ("1–1.25" after "1.75–2")
     histogram = gr.BarPlot(value=page.histogram, sort=list(page.histogram["activation"]))
-    return (page.feature, page.title, page.summary, page.gallery, histogram, page.names, page.mils_summary,
-            page.mils_history, page.mils_gallery, page.mils_curve)
+    gallery = [(it.image, f"{it.score:.2f}" + (f" · {it.label}" if it.label else "")) for it in page.gallery]
+    return (page.feature, feature_title(page), feature_summary(page), gallery, histogram, names_table(page),
+            mils_summary(page), page.mils_history, render_captions(page.mils_gallery), page.mils_curve)
+
+
+def browser_rows(table):
+    """The browser's rows for display: frequency as a percentage."""
+    table = table.copy()
+    table["frequency"] = [f"{100 * float(v):.2f} %" for v in table["frequency"]]
+    return table
+
+
+def steer_note(r: serve.SteerResult) -> str:
+    verb = {"clamp": f"clamped to {r.value:g}", "ablate": "ablated (clamped to 0)", "add": f"added with strength {r.value:g}"}[r.mode]
+    top = r.changes.iloc[0]
+    return (f"Feature #{r.feature} ({r.name}) {verb} at every token of {r.layer}; {r.scores}. "
+            f"Largest change: **{top['label']}** {top['change']:+.3f}.")
+
+
+def naming_status(v: serve.NamingView) -> str:
+    step = f"iteration {v.iteration}/{v.n_iterations}" if v.step == "iteration" else v.step
+    best = f" · best *{v.best[1]}* ({v.best[0]:.3f})" if v.best else ""
+    return f"**{step}** · step {v.steps_done}/{v.steps_total} · {v.n_prompts} prompts scored · {v.elapsed_s:.1f} s{best}"
 
 
 @user_errors
 def browse(key, sae_id, query, sort, hide_dead, hide_dense):
-    return _explorer(key).browse(sae_id, query, sort, hide_dead, hide_dense)
+    return browser_rows(_explorer(key).browse(sae_id, query, sort, hide_dead, hide_dense))
 
 
 @user_errors
@@ -162,15 +236,15 @@ def first_page(key, sae_id, query, sort, hide_dead, hide_dense):
 
 @user_errors
 def load_source(sae_repo, results_repo, query, sort, hide_dead, hide_dense):
-    sae_repo, results_repo = (sae_repo or "").strip(), (results_repo or "").strip()
-    if not sae_repo or not results_repo:
-        raise serve.ServeError("give both an SAE repo and a results repo (Hub ids or local folders)")
-    ex = serve.open_explorer(serve.Source(sae_repo, results_repo))
+    """A visitor's "Load": two Hub repo ids (never local folders), downloaded with the visitor limits."""
+    if not (sae_repo or "").strip() or not (results_repo or "").strip():
+        raise serve.ServeError("give both an SAE repo and a results repo (Hub ids 'owner/name')")
+    ex = serve.open_explorer(serve.visitor_source(sae_repo, results_repo))
     for w in ex.warnings:
-        gr.Warning(w)
+        gr.Warning(serve.public_message(w))
     sae_id = ex.sae_ids[0]
     return (ex.source.key, gr.Dropdown(choices=ex.sae_ids, value=sae_id),
-            f"Loaded **{sae_repo}** + **{results_repo}** ({len(ex.sae_ids)} SAE(s)).",
+            f"Loaded **{ex.source.sae_repo}** + **{ex.source.results_repo}** ({len(ex.sae_ids)} SAE(s)).",
             *first_page(ex.source.key, sae_id, query, sort, hide_dead, hide_dense))
 
 
@@ -190,9 +264,10 @@ def _gpu_what_fires(key, sae_id, image, top):
 @user_errors
 def what_fires(key, sae_id, image, top):
     r = _gpu_what_fires(key, sae_id, serve.check_image(_uploaded(image)), top)
-    if not r.features:
+    if not r.items:
         gr.Warning("no feature fires on this image")
-    return r.gallery, r.table, r.features
+    gallery = [(it.image, f"#{it.feature} · {it.name} · {it.relative:.0%} of max") for it in r.items]
+    return gallery, r.table, r.features
 
 
 @user_errors
@@ -213,7 +288,7 @@ def steer(key, sae_id, image, feature, mode, value, labels):
         raise serve.ServeError("choose a feature number")
     labels = [s for s in (labels or "").split(",") if s.strip()]
     r = _gpu_steer(key, sae_id, serve.check_image(_uploaded(image)), int(feature), mode, value, labels)
-    return r.before, r.after, r.changes, r.note
+    return r.before, r.after, r.changes, steer_note(r)
 
 
 @spaces.GPU(duration=120)
@@ -242,14 +317,15 @@ def live_naming(key, sae_id, feature, proposer, iterations, candidates, max_seco
                 gr.Warning(f"naming stopped after {max_seconds:.0f} s (the time limit) at iteration {state.iteration}; "
                            "showing the best prompts so far. Raise the limit or lower the iterations.")
                 v = ex.naming_view(state, cfg)
-                yield (v.status + " · **stopped: time limit**", "(not finished)", v.history, v.gallery, v.curve)
+                yield (naming_status(v) + " · **stopped: time limit**", "(not finished)", v.history,
+                       render_captions(v.gallery), v.curve)
                 return
             state = MILSState.from_dict(_gpu_naming_chunk(key, sae_id, state.to_dict(), dataclasses.asdict(cfg),
                                                           NAMING_CHUNK_S, proposer))
             v = ex.naming_view(state, cfg)
-            yield (v.status, f"## {v.name}" if v.name else "", v.history, v.gallery, v.curve)
+            yield (naming_status(v), f"## {v.name}" if v.name else "", v.history, render_captions(v.gallery), v.curve)
     except serve.ServeError as e:
-        raise gr.Error(str(e), duration=None) from e
+        raise gr.Error(serve.public_message(str(e)), duration=None) from e
 
 
 LAB_RUN = ROOT / "runs" / "lab"  # the trained lab experiment, when this checkout has one (hub_scripts/lab.py experiment)
@@ -283,10 +359,13 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
         note = gr.Markdown(notice, elem_id="notice")
         with gr.Row():
             sae_dd = gr.Dropdown(start.sae_ids, value=sae0, label="SAE", scale=2, elem_id="sae")
-            with gr.Accordion("Load other repos (Hub ids or local folders)", open=False):
-                with gr.Row():
-                    sae_repo = gr.Textbox(label="SAE model repo", value=start.source.sae_repo)
-                    results_repo = gr.Textbox(label="results dataset repo", value=start.source.results_repo)
+            with gr.Accordion("Load other repos (Hub ids 'owner/name')", open=False):
+                with gr.Row():  # the operator's repos shown only when they are Hub ids: no server path in the page
+                    hub_ids = not any(Path(r).expanduser().exists() for r in (start.source.sae_repo, start.source.results_repo))
+                    sae_repo = gr.Textbox(label="SAE model repo", value=start.source.sae_repo if hub_ids else "",
+                                          placeholder="owner/saes", elem_id="load-sae-repo")
+                    results_repo = gr.Textbox(label="results dataset repo", value=start.source.results_repo if hub_ids else "",
+                                              placeholder="owner/results", elem_id="load-results-repo")
                 load_btn = gr.Button("Load")
         with gr.Tabs() as tabs:
             with gr.Tab("Features", id="features"):
@@ -298,7 +377,7 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
                         with gr.Row():
                             hide_dead = gr.Checkbox(value=True, label="hide dead")
                             hide_dense = gr.Checkbox(value=True, label="hide dense")
-                        table = gr.Dataframe(start.browse(sae0, hide_dense=True), interactive=False, max_height=640, wrap=True,
+                        table = gr.Dataframe(browser_rows(start.browse(sae0, hide_dense=True)), interactive=False, max_height=640, wrap=True,
                                              column_widths=["10%", "34%", "10%", "9%", "9%", "11%", "9%", "8%"], elem_id="browser")
                     with gr.Column(scale=6):
                         with gr.Row():

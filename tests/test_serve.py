@@ -100,18 +100,19 @@ def test_feature_page_matches_the_stats(eff):
     ex, sid, _, stats = eff
     j = int(ex.browse(sid, sort="frequency")["feature"].iloc[-1])
     page = ex.feature_page(sid, j)
-    assert f"#{j}" in page.title and page.feature == j
+    assert page.feature == j and page.sae_id == sid and page.name == ex.frame(sid).at[j, "display_name"]
     top = stats.top_images(j)[:4]
     assert len(page.gallery) == len(top)
-    assert [float(c.split(" · ")[0]) for _, c in page.gallery] == pytest.approx([round(v, 2) for _, v in top], abs=0.006)
-    assert all(im.size[0] == im.size[1] for im, _ in page.gallery)  # heatmaps drawn over the padded square
+    assert [it.score for it in page.gallery] == pytest.approx([v for _, v in top], abs=1e-3)
+    assert all(it.image.size[0] == it.image.size[1] for it in page.gallery)  # EfficientNet pads: its box is a square
+    assert page.stats["image_frequency"] == pytest.approx(float(stats.image_frequency_S[j]))
     assert page.histogram["images"].sum() == int(stats.image_fire_count_S[j])
     assert page.names["method"].tolist() == ["top_label"] and page.mils_history.empty
     assert ex.feature_page(sid, j) is page  # cached: switching back costs nothing
     dead = [d for d in range(48) if stats.dead_S[d]]
     if dead:
         dp = ex.feature_page(sid, dead[0])
-        assert dp.gallery == [] and "dead" in dp.summary and dp.histogram.empty
+        assert dp.gallery == [] and dp.stats["dead"] and dp.histogram.empty
     with pytest.raises(ServeError, match="has no feature 48"):
         ex.feature_page(sid, 48)
     with pytest.raises(ServeError, match="whole number"):
@@ -130,7 +131,7 @@ def test_what_fires_is_the_direct_computation(eff, effnet, photos):
     assert res.features == [j for j in expected if act_S[j] > 0]
     assert res.table["activation"].tolist() == pytest.approx([round(float(act_S[j]), 3) for j in res.features], abs=1e-3)
     assert (res.table["relative"] <= 1.0 + 1e-3).all()
-    assert len(res.gallery) == len(res.features) and res.gallery[0][0].size[0] == res.gallery[0][0].size[1]
+    assert [it.feature for it in res.items] == res.features and res.items[0].image.size[0] == res.items[0].image.size[1]
     with pytest.raises(ServeError, match="upload an image first"):
         ex.what_fires(sid, None)
     with pytest.raises(ServeError, match="top must be"):
@@ -164,7 +165,7 @@ def test_steer_interventions(eff, effnet, photos):
     names = effnet.class_names
     for label, p in r.after.items():
         assert p == pytest.approx(float(p1[names.index(label)]), abs=1e-5)
-    assert r.changes["change"].abs().max() > 1e-3 and f"#{firing}" in r.note
+    assert r.changes["change"].abs().max() > 1e-3 and r.feature == firing and r.mode == "clamp" and r.value == 50.0
     with pytest.raises(ServeError, match="mode must be"):
         ex.steer(sid, image, firing, "boost", 1.0)
     with pytest.raises(ServeError, match="number"):
@@ -195,11 +196,23 @@ def test_zero_shot_steering_on_a_tiny_clip(tmp_path, photos):
     assert set(r.before) == set(labels) and sum(r.before.values()) == pytest.approx(1.0, abs=1e-5)
     assert r.changes["change"].abs().max() < 1e-4  # only the patch tokens go through the SAE; CLS is untouched
     r = ex.steer(sid, images[2], int(codes_TS.amax(0).argmax()), "add", 30.0, labels=labels)
-    assert "zero-shot over 3 labels" in r.note
+    assert "zero-shot over 3 labels" in r.scores
     with pytest.raises(ServeError, match="at least two comma-separated labels"):
         ex.steer(sid, images[2], silent, "ablate", 0, labels=["cat"])
     fires = ex.what_fires(sid, images[2], top=3)
-    assert len(fires.gallery) == len(fires.features) > 0
+    assert len(fires.items) == len(fires.features) > 0
+    # a 96×32 image: CLIP's preprocessing sees its centre 32×32, so each heatmap covers x 32..64 of the image itself
+    # (issue 9: it was drawn over the padded 96×96 square, i.e. on pixels the model never saw)
+    assert ex.token_box(sid, (96, 32)) == (32.0, 0.0, 64.0, 32.0)
+    wide = Image.new("RGB", (96, 32), (255, 255, 255))
+    wide.paste(images[2].resize((32, 32)), (32, 0))
+    fires = ex.what_fires(sid, wide, top=3)
+    assert fires.items
+    for it in fires.items:
+        arr = np.asarray(it.image).astype(int)
+        assert it.image.size == (96, 32)
+        dimmed = (np.abs(arr - 172) <= 2).all(-1)  # heatmap_overlay greys what no token saw: 0.35·255 + 0.65·127.5
+        assert dimmed[:, :32].all() and dimmed[:, 64:].all() and not dimmed[:, 32:64].all()
 
 
 # ------------------------------------------------------------------------------------------------ bad sources
@@ -299,7 +312,8 @@ def test_live_naming_streams_one_step_per_call(eff, small_bank):
         views.append(ex.naming_view(state, cfg))
     assert len(views) == cfg.n_iterations + 2  # seed, 2 proposal rounds, summarise: one step per call
     last = views[-1]
-    assert last.done and last.name and "done" in last.status and state.name == last.name
+    assert last.done and last.name and last.step == "done" and state.name == last.name
+    assert [v.steps_done for v in views] == list(range(1, cfg.n_iterations + 3)) and last.steps_total == cfg.n_iterations + 2
     assert len(last.history) == len(state.candidates) and last.history["score"].is_monotonic_decreasing
     assert 0 < len(last.gallery) <= 8 and len(last.curve) >= 3
     dead = [d for d in range(48) if stats.dead_S[d]]
@@ -321,8 +335,12 @@ def test_app_handlers_turn_errors_into_messages(small_bank, monkeypatch, tmp_pat
     key, sid = app.START.source.key, app.START.sae_ids[0]
     with pytest.raises(gr.Error, match="upload an image first"):
         app.what_fires(key, sid, None, 8)
-    with pytest.raises(gr.Error, match="cannot load the results dataset"):
+    with pytest.raises(gr.Error, match="cannot download dataset repo 'nobody/no-such-results'"):
         app.load_source("nobody/no-such-saes", "nobody/no-such-results", "", "score", True, True)
+    for bad in ("/etc", "/etc/hostname", app.DEMO.sae_repo, "../demo/sae", "~/x"):  # the visitor's box takes Hub ids only
+        with pytest.raises(gr.Error) as info:
+            app.load_source(bad, app.DEMO.results_repo, "", "score", True, True)
+        _reveals_nothing(info.value.message, bad, app.ROOT)
     with pytest.raises(gr.Error, match="choose a feature"):
         app.steer(key, sid, Image.new("RGB", (32, 32)), None, "clamp", 1.0, "")
     table = app.browse(key, sid, "", "score", True, True)
@@ -344,3 +362,121 @@ def test_app_handlers_turn_errors_into_messages(small_bank, monkeypatch, tmp_pat
     assert "time limit" in outs[-1][0] and outs[-1][1] == "(not finished)"
     with pytest.raises(gr.Error, match="never fired|has no feature"):
         list(app.live_naming(key, sid, 10**6, "vocabulary", 1, 2, 60))
+
+
+# ------------------------------------------------------------------------------------------------ concurrency
+def test_concurrent_requests_each_get_their_own_answer(eff, photos):
+    """The app serves several requests at once with one explorer, SAE and backbone: what-fires and steering on 8
+    different images from 8 threads started together each equal the same request made alone (issue 9: 'layer did
+    not run' errors, and once another request's result)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex, sid, _, _ = eff
+    images = photos[0][:8]
+    alone_fires = [ex.what_fires(sid, im, top=4) for im in images]
+    features = [r.features[0] for r in alone_fires]
+    alone_steer = [ex.steer(sid, im, j, "clamp", 5.0) for im, j in zip(images, features)]
+    assert len({tuple(r.features) for r in alone_fires}) > 1  # the images really differ
+
+    barrier = threading.Barrier(8)
+
+    def job(k):
+        if k < 8:
+            barrier.wait(timeout=60)
+        i = k % 8
+        if k % 2:
+            return i, "steer", ex.steer(sid, images[i], features[i], "clamp", 5.0)
+        return i, "fires", ex.what_fires(sid, images[i], top=4)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(job, range(32), timeout=600))
+    for i, kind, got in results:
+        if kind == "fires":
+            want = alone_fires[i]
+            assert got.features == want.features and got.table.equals(want.table), i
+            for a, b in zip(got.items, want.items):
+                assert np.abs(np.asarray(a.image).astype(int) - np.asarray(b.image).astype(int)).max() <= 1
+        else:
+            want = alone_steer[i]
+            assert list(got.before) == list(want.before) and list(got.after) == list(want.after), i
+            assert np.allclose(list(got.after.values()), list(want.after.values()), atol=1e-5)
+            assert got.changes["label"].tolist() == want.changes["label"].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ visitors' input
+def _reveals_nothing(msg: str, *paths) -> None:
+    """A message shown to a visitor: no absolute or home path, and none of the given server paths."""
+    import re
+
+    assert not re.search(r"(^|[\s'\"(=])(~|\.{0,2})/[\w.]", msg), msg
+    for p in paths:
+        assert str(p) not in msg, msg
+
+
+BAD_REPOS = ["/etc", "/etc/hostname", "..", "../demo/sae", "~/data", "~root/x", "./demo/sae", "demo/../../etc",
+             "/root/.cache/huggingface", "C:\\Windows/x", "a/b/c", "https://huggingface.co/owner/name", "owner name/x", ""]
+
+
+@pytest.mark.parametrize("repo", BAD_REPOS)
+def test_visitor_repos_must_be_hub_ids(repo, eff):
+    """Local paths, '..', absolute paths, '~' and URLs are refused before anything looks at the disk, and the
+    message is the same whether the path exists or not, and shows no path."""
+    ex, *_ = eff
+    for sae_repo, results_repo in ((repo, "owner/results"), ("owner/saes", repo), (repo, ex.source.results_repo)):
+        with pytest.raises(ServeError) as info:
+            serve.visitor_source(sae_repo, results_repo)
+        _reveals_nothing(str(info.value), *([repo] if repo else []), ex.source.results_repo)
+
+
+def test_visitor_cannot_open_server_folders(eff, monkeypatch):
+    """A visitor naming a folder the server has in the results layout gets nothing from it: the explorer's own
+    folders (absolute) are refused, and 'demo/sae', a valid Hub id that is also a folder of this checkout, goes to the
+    Hub only (offline here: refused, with no path in the message)."""
+    ex, *_ = eff
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    for sae_repo, results_repo in ((ex.source.sae_repo, ex.source.results_repo), ("demo/sae", "demo/results")):
+        with pytest.raises(ServeError) as info:
+            serve.open_explorer(serve.visitor_source(sae_repo, results_repo))
+        _reveals_nothing(str(info.value), ex.source.sae_repo, ex.source.results_repo, Path.cwd())
+    assert "cannot download dataset repo 'demo/results'" in str(info.value)
+    assert not any(e.source.visitor for e in serve._EXPLORERS.values())
+    with pytest.raises(ServeError, match="no longer loaded"):
+        serve.explorer("o-not-a-source")
+
+
+def test_visitor_download_size_is_checked_before_downloading():
+    """The size check reads the Hub's listing (here a fake `dataset_info(files_metadata=True)`): only the files the
+    app would download count, and past the cap the message gives the sizes and what to do."""
+    from types import SimpleNamespace as NS
+
+    from nacosae.hub import RESULTS_REPO_FILES, SAE_REPO_FILES, RepoRefused, check_download_size, download_size
+
+    info = NS(siblings=[NS(rfilename="README.md", size=2_000), NS(rfilename="data/features/part-00000.parquet", size=3_000_000),
+                        NS(rfilename="data/images/part-00000.parquet", size=900_000_000),
+                        NS(rfilename="raw/huge.tar", size=50_000_000_000)])  # not a file the app reads: not counted
+    assert download_size(info, RESULTS_REPO_FILES) == (903_002_000, 3)
+    assert check_download_size(info, RESULTS_REPO_FILES, 10**9, "owner/results", "a results dataset") == 903_002_000
+    with pytest.raises(RepoRefused, match=r"'owner/results' holds 903 MB of a results dataset files, more than .* \(512 MB\)"):
+        check_download_size(info, RESULTS_REPO_FILES, serve.MAX_VISITOR_RESULTS_BYTES, "owner/results", "a results dataset")
+    with pytest.raises(RepoRefused, match="none of the files of an SAE repo"):
+        check_download_size(NS(siblings=info.siblings[1:]), SAE_REPO_FILES, 10**9, "owner/results", "an SAE repo")
+    sae_info = NS(siblings=[NS(rfilename="vit/layer.9/config.json", size=900), NS(rfilename="vit/layer.9/model.safetensors", size=None)])
+    with pytest.raises(RepoRefused, match="did not give this repo's file sizes"):
+        check_download_size(sae_info, SAE_REPO_FILES, 10**9, "owner/saes", "an SAE repo")
+    with pytest.raises(RepoRefused, match="did not list"):
+        download_size(NS(), SAE_REPO_FILES)
+
+
+def test_visitor_saes_use_only_the_operators_backbones():
+    for name in ("hf:/etc", "hf:../models/clip", "open_clip:local-dir:/srv/models", "open_clip:ViT-bigG-14", "hf:someone/huge-model"):
+        with pytest.raises(ServeError, match="backbone that this app does not load") as info:
+            serve.backbone_for({"backbone": name, "weights": "x"}, visitor=True)
+        _reveals_nothing(str(info.value), name)
+
+
+def test_public_message_strips_server_paths():
+    msg = serve.public_message("cannot read /root/.cache/huggingface/x.parquet or ~/y or ../z; see owner/name and "
+                               "https://huggingface.co/datasets/owner/name, 1/2 of it")
+    assert msg == ("cannot read <path> or <path> or <path>; see owner/name and https://huggingface.co/datasets/owner/name, "
+                   "1/2 of it")
