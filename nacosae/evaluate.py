@@ -61,7 +61,7 @@ MILS_METHODS = ("mils", "mils_gemma")
 PUBLISHABLE = ("mils", "mils_gemma", "top_label", "vocab")
 """Methods whose name may be published (`random` is the floor, never a name)."""
 UNNAMED = "unnamed"
-MUTABLE_SETTINGS = ("gemma_features", "threshold")
+MUTABLE_SETTINGS = ("gemma_features", "threshold", "ms_encoder")
 """Settings a resumed run may change: they decide which features Gemma names and which names are published, never a
 finished name or score."""
 
@@ -126,8 +126,11 @@ class NamingRunConfig:
     """Probe images (a seeded sample of the file-backed ones) for the Monosemanticity Score (METHODS §4.2)."""
     ms_seed: int = 0
     """Seed of that sample."""
+    ms_encoder: str = "auto"
+    """Image encoder of the MS (`nacosae.backbones.ms_encoder`): 'auto' (EfficientNet-Lite2 for SAEs on the offline
+    EfficientNet-Lite0, DINOv2 ViT-B otherwise), 'dinov2', 'efficientnet-lite2' or 'own' (the SAE's backbone at ms_layer)."""
     ms_layer: str = "pooled"
-    """Layer of the SAE's own backbone embedding the MS images (no independent encoder ships offline: a caveat)."""
+    """Layer of the SAE's own backbone embedding the MS images with ms_encoder='own' (not independent: a caveat)."""
 
     def __post_init__(self):
         for name in ("n_features", "min_fires", "n_iterations", "n_candidates", "n_best", "n_images", "n_seed_prompts",
@@ -800,28 +803,28 @@ class NamingRun:
     @torch.no_grad()
     def monosemanticity(self, batch_size: int = 32) -> dict:
         """MS (METHODS §4.2) of every SAE feature and every raw channel of the layer over a seeded probe sample, with
-        the backbone's `ms_layer` embedding as the image encoder. Cached in work/ms.json."""
+        the `ms_encoder`'s embedding of each image. Cached in work/ms.json (recomputed for another encoder)."""
+        from nacosae.backbones import load_backbone, ms_encoder
+
+        backbone_name = self.sae.cfg.provenance.get("backbone", "backbone")
+        spec, ms_layer, caveat = ms_encoder(backbone_name, self.cfg.ms_encoder, self.cfg.ms_layer)
         path = self.work / "ms.json"
-        if path.is_file():
+        if path.is_file() and _read_json(path).get("encoder") == f"{spec}/{ms_layer}":
             return _read_json(path)
+        encoder = self.backbone if spec == backbone_name else load_backbone(spec)
         file_recs = sorted((r for r in self.store.images if r.get("path")), key=lambda r: r["image_idx"])
         n = min(self.cfg.ms_images, len(file_recs))
         recs = random.Random(self.cfg.ms_seed).sample(file_recs, n)
         emb = []
         for i in tqdm(range(0, n, batch_size), desc="MS embeddings", unit="batch", disable=not self.progress):
-            x = torch.stack([self.backbone.preprocess(self.load_probe_image(r)) for r in recs[i:i + batch_size]])
-            emb.append(self.backbone.activations(x, self.cfg.ms_layer, "mean")[:, 0].float().cpu())
+            x = torch.stack([encoder.preprocess(self.load_probe_image(r)) for r in recs[i:i + batch_size]])
+            emb.append(encoder.activations(x, ms_layer, "mean")[:, 0].float().cpu())
         emb_NE = torch.cat(emb)
         refs = [store_ref(r) for r in recs]
         report = monosemanticity_report(self.table.rows(refs), self.table.raw_rows(refs), emb_NE,
                                         alive_S=~self.stats.dead_S, named=self.features)
-        backbone_name = self.sae.cfg.provenance.get("backbone", "backbone")
         out = {"schema_version": SCHEMA_VERSION, "n_images": n, "ms_seed": self.cfg.ms_seed,
-               "encoder": f"{backbone_name}/{self.cfg.ms_layer}",
-               "encoder_caveat": (f"the SAE's own backbone ({backbone_name}), layer {self.cfg.ms_layer}, downstream of "
-                                  f"{self.layer}: not an independent encoder as METHODS §4.2 asks (DINOv2); no other image "
-                                  "encoder ships offline, so MS values are inflated and only comparable within this run"),
-               **report}
+               "encoder": f"{spec}/{ms_layer}", "encoder_caveat": caveat, **report}
         atomic_write_json(path, out)
         return out
 

