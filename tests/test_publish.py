@@ -31,8 +31,8 @@ from nacosae.sae import SAE, SAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SID = "efficientnet-lite0/blocks.14"
-PROV = {"backbone": "efficientnet-lite0", "layer": "blocks.14", "tokens": "spatial", "d": 8, "n_tokens": 4,
-        "weights": "imagenet (test)"}
+PROV = {"backbone": "efficientnet-lite0", "backbone_kind": "efficientnet", "layer": "blocks.14", "tokens": "spatial", "d": 8,
+        "n_tokens": 4, "weights": "imagenet (test)"}  # as Backbone.provenance writes it (the app's heatmaps need the kind)
 LABELS = ["cat", "cat", "dog", "car", "cat", "dog", "car", "car", "tree", "cat"]
 
 
@@ -320,12 +320,13 @@ def test_overlay_results_and_the_app_reads_them(run, tables, tmp_path):
     assert top["feature"].iloc[0] == 5 and top["CoSy AUC"].iloc[0] == 0.9 and top["MS"].iloc[0] == 0.42
     assert ex.browse(SID, "kitten")["feature"].tolist() == [5]  # search covers every method's name
     page = ex.feature_page(SID, 5)
-    assert "cat face" in page.title and "0.420" in page.summary and "test encoder" in page.summary
-    assert page.names.set_index("method").loc["mils", "published"] == "✓"
+    assert page.name == "cat face" and page.name_method == "mils"
+    assert page.stats["ms"] == pytest.approx(0.42) and page.stats["ms_encoder"] == "test encoder"
+    assert page.names.set_index("method").loc["mils", "published"]
     assert page.names.set_index("method").loc["mils_gemma", "name"] == "kitten"
     assert page.mils_history["prompt"].tolist() == ["cat face", "cat", "kitten"]
     assert len(page.mils_gallery) == 2 and set(page.mils_curve["method"]) == {"mils", "mils_gemma"}
-    assert "unnamed (top label: " in ex.feature_page(SID, 4).title
+    assert "unnamed (top label: " in ex.feature_page(SID, 4).name
 
     other = _named_extra(tables)
     other["runs"] = pa.Table.from_pylist([{**tables["runs"].to_pylist()[0], "val_fvu": 0.5}], schema=tables["runs"].schema)
