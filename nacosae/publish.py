@@ -377,6 +377,6 @@ def publish_results(tables: dict[str, pa.Table], repo_id: str, local_dir: str | 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# Moved to nacosae.results (the owner of the results dataset); re-exported only until tests/test_serve.py and
-# benchmarks/bench_app.py import them from there.
-from nacosae.results import read_results_folder, tables_from_stats  # noqa: E402, F401
+# Moved to nacosae.results (the owner of the results dataset); re-exported only until tests/test_serve.py imports it
+# from there.
+from nacosae.results import tables_from_stats  # noqa: E402, F401
