@@ -485,6 +485,17 @@ def _side_pair(size) -> tuple[int, int]:
     return (int(size), int(size))
 
 
+def _kind_of_spec(spec: str) -> str | None:
+    """The backbone kind a `load_backbone` spec makes, for provenance written without `backbone_kind`."""
+    if spec == "efficientnet-lite0":
+        return "efficientnet"
+    if spec.startswith("open_clip:"):
+        return "open_clip"
+    if spec.startswith("hf:"):
+        return "hf_clip"  # CLIP and DINOv2 preprocess alike (short side, centre crop)
+    return None
+
+
 def token_box(provenance: dict, image_size: tuple[int, int]) -> Box:
     """The part of an image of `image_size` = (width, height) that a backbone's input covers, as a `Box` in that
     image's pixels: every token grid of the backbone (CNN map or ViT patches) spans exactly this box, row-major from
@@ -497,12 +508,13 @@ def token_box(provenance: dict, image_size: tuple[int, int]) -> Box:
     short side, centre crop; the default), "longest" (resize the long side, pad) or "squash" (whole image).
     hf_clip / hf_dinov2: resize the short side to `resize_short_side`, centre crop to `size` (or "squash").
     module: the whole image (the default preprocessing keeps it; a custom `preprocess` is assumed to as well).
+    Without `backbone_kind` (older provenance), the kind follows from the `backbone` spec string.
     Exact to the pixel for the implemented transforms (tested against `preprocess`); raises ValueError for an unknown
     backbone kind or resize mode, and for an empty image."""
     w, h = (int(v) for v in image_size)
     if w < 1 or h < 1:
         raise ValueError(f"image_size must be (width, height) ≥ 1, got {image_size}")
-    kind = provenance.get("backbone_kind")
+    kind = provenance.get("backbone_kind") or _kind_of_spec(str(provenance.get("backbone") or ""))
     pp = provenance.get("preprocessing") or {}
     if kind == "efficientnet":  # pad_to_square pastes the image at ((side - w) // 2, (side - h) // 2)
         side = max(w, h)

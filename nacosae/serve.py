@@ -592,10 +592,14 @@ class Explorer:
 
     def token_box(self, sae_id: str, image_size: tuple[int, int]):
         """The pixels of an image of `image_size` that the SAE's backbone saw (`nacosae.backbones.token_box`, from the
-        SAE's provenance: no model is loaded)."""
+        SAE's provenance: no model is loaded); None when the provenance names no backbone whose geometry is known
+        (a custom module): heatmaps then span the whole image, as that backbone's default preprocessing does."""
         from nacosae.backbones import token_box
 
-        return token_box(self._need(sae_id)["provenance"], image_size)
+        try:
+            return token_box(self._need(sae_id).get("provenance", {}), image_size)
+        except ValueError:
+            return None
 
     def _overlay(self, sae_id: str, image_id: str, heat, grid: tuple[int, int], vmax: float):
         """A dataset image with a token heatmap over the pixels the backbone saw (thumbnails are stored as the image

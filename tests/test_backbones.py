@@ -428,18 +428,24 @@ def test_concurrent_calls_on_one_backbone_each_get_their_own_result(effnet):
     assert all((alone[i][0] - alone[0][0]).abs().max() > 1e-3 for i in range(1, 6))  # the images really differ
 
     def job(k):
-        i, what = k % 6, (k // 6) % 3
+        i, what = k % 6, (k // 6) % 4
         x = pixels[i]
         with torch.no_grad():
             if what == 0:
                 return i, what, effnet.activations(x, "blocks.14", "spatial")
             if what == 1:
                 return i, what, effnet.forward_with_edit(x, "blocks.14", half)
-            return i, what, effnet.activations(x, "features", "mean")
+            if what == 2:
+                return i, what, effnet.activations(x, "features", "mean")
+            return i, what, effnet.activations_multi(x, [("blocks.14", "spatial"), ("features", "mean")])
 
-    results = _run_concurrently([lambda k=k: job(k) for k in range(36)], n_threads=8)
+    results = _run_concurrently([lambda k=k: job(k) for k in range(48)], n_threads=8)
     for i, what, got in results:
-        assert torch.allclose(got, alone[i][what], atol=1e-4), (i, what, float((got - alone[i][what]).abs().max()))
+        if what == 3:
+            got, want = torch.cat([got[0].flatten(), got[1].flatten()]), torch.cat([alone[i][0].flatten(), alone[i][2].flatten()])
+        else:
+            want = alone[i][what]
+        assert torch.allclose(got, want, atol=1e-4), (i, what, float((got - want).abs().max()))
 
 
 # -- geometry: which original pixels the tokens saw ------------------------------------------------------------
@@ -504,6 +510,7 @@ def test_token_box_of_effnet_is_the_padded_square(effnet):
 
     with pytest.raises(ValueError, match="no token geometry"):
         token_box({"backbone_kind": "resnet"}, (10, 10))
+    assert token_box({"backbone": "efficientnet-lite0"}, (96, 32)) == (0.0, -32.0, 96.0, 64.0)  # older provenance
 
 
 def test_heatmaps_land_on_the_pixels_the_tokens_saw(hf_clip_dir, effnet):

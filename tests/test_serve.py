@@ -213,6 +213,12 @@ def test_zero_shot_steering_on_a_tiny_clip(tmp_path, photos):
         assert it.image.size == (96, 32)
         dimmed = (np.abs(arr - 172) <= 2).all(-1)  # heatmap_overlay greys what no token saw: 0.35·255 + 0.65·127.5
         assert dimmed[:, :32].all() and dimmed[:, 64:].all() and not dimmed[:, 32:64].all()
+    # the feature page places a top image's stored heatmap the same way (a thumbnail stored as the image itself)
+    iid = ex.images.column("image_id")[0].as_py()
+    ex._image_cache[iid] = Image.new("RGB", (96, 32), (255, 255, 255))
+    page_image = np.asarray(ex._overlay(sid, iid, [1.0] * 16, (4, 4), 1.0)).astype(int)
+    dimmed = (np.abs(page_image - 172) <= 2).all(-1)
+    assert page_image.shape == (32, 96, 3) and dimmed[:, :32].all() and dimmed[:, 64:].all() and not dimmed[:, 32:64].any()
 
 
 # ------------------------------------------------------------------------------------------------ bad sources
