@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from nacosae.images import OPENCLIPART_ROOT, cache_dir, describe_openclipart, load_rgb, pad_to_square
+from nacosae.images import OPENCLIPART_ROOT, cache_dir, describe_openclipart, open_image, pad_to_square
 from nacosae.io import atomic_write_json
 
 SPLITS = ("search", "select", "eval")
@@ -137,6 +137,12 @@ class Bank:
             h.update(f"{it.item_id}\t{it.description}\t{it.family}\t{it.split}\n".encode())
         return f"bank-v{BANK_VERSION}:{len(self)}:{h.hexdigest()[:16]}"
 
+    def index_of(self, item_id: str) -> int:
+        """The index of an item id (KeyError if absent)."""
+        if not hasattr(self, "_index"):
+            self._index = {it.item_id: i for i, it in enumerate(self.items)}
+        return self._index[item_id]
+
     def indices(self, split: str) -> np.ndarray:
         """Item indices of one split, ascending."""
         if split not in SPLITS:
@@ -165,9 +171,9 @@ class Bank:
             import skimage.data
 
             arr = getattr(skimage.data, it.locator)()
-            im = pad_to_square(Image.fromarray(arr).convert("RGB"))
+            im = pad_to_square(open_image(arr, where=it.item_id))
         else:
-            im = pad_to_square(load_rgb(it.locator))
+            im = pad_to_square(open_image(it.locator))
             if max(im.size) > 512:
                 im = im.resize((512, 512), Image.Resampling.BICUBIC)
         self._cache[i] = im
@@ -175,8 +181,8 @@ class Bank:
             self._cache.popitem(last=False)
         return im
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return atomic_write_json(Path(path), {"bank_version": BANK_VERSION, "items": [asdict(it) for it in self.items]})
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_json(Path(path), {"bank_version": BANK_VERSION, "items": [asdict(it) for it in self.items]})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Bank":

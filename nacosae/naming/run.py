@@ -234,3 +234,155 @@ def emoji_keyword_check(results: dict[str, MethodResult], live: Sequence[int], b
         hit = [bool(set((res.names.get(j) or "").split()) & kw_sets[j]) for j in feats if j in res.names]
         out[m] = float(np.mean(hit)) if hit else None
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The results dataset
+
+
+def _bank_image_row(bank: Bank, item_id: str, split_of: dict[str, str], max_px: int, image_format: str) -> dict:
+    from nacosae.results import thumbnail_bytes
+
+    i = bank.index_of(item_id)
+    it = bank.items[i]
+    return {"image_id": item_id, "image": {"bytes": thumbnail_bytes(bank.load_image(i), max_px, image_format), "path": None},
+            "kind": "emoji" if it.source == "emoji" else "bank", "label": it.label, "description": it.description,
+            "source": it.source, "split": split_of.get(item_id, it.split), "family": it.family}
+
+
+def pool_stats_rows(out: NamingOutput, sae_id: str, features: Sequence[int], top_n: int = 9, n_bins: int = 24) -> list[dict]:
+    """Feature-page columns from the bank pool alone, for an SAE with no feature statistics (someone else's SAE):
+    image-level frequency, mean and max over the bank, a histogram of nonzero activations, the top bank pictures.
+    Token frequency and heatmaps need per-token codes, which the pool does not keep: NaN and empty."""
+    codes = out.pool.dense()
+    rows = []
+    for j in features:
+        a = codes[:, j]
+        nz = a[a > 0]
+        top = torch.argsort(-a, stable=True)[:top_n]
+        top = [int(i) for i in top if a[i] > 0]
+        counts, edges = (np.histogram(nz.numpy(), bins=n_bins) if nz.numel() else (np.zeros(0, int), np.zeros(0)))
+        rows.append({"sae_id": sae_id, "feature": int(j), "image_frequency": float((a > 0).float().mean()),
+                     "token_frequency": float("nan"), "mean_act": float(a.mean()), "max_act": float(a.max()),
+                     "aggregation": "max", "dead": bool(nz.numel() == 0), "dense": bool((a > 0).float().mean() > DENSE_FREQUENCY),
+                     "hist_edges": edges.astype(np.float32).tolist(), "hist_counts": counts.astype(np.int64).tolist(),
+                     "top_image_ids": [out.pool.rows[i]["item"] for i in top], "top_activations": [float(a[i]) for i in top],
+                     "top_heatmaps": [[] for _ in top], "grid_h": 0, "grid_w": 0})
+    return rows
+
+
+def results_tables(out: NamingOutput, sae_id: str, sae_config: dict[str, Any], metrics: dict[str, Any],
+                   base: dict | None = None, max_px: int = 112, image_format: str = "webp") -> dict:
+    """The results dataset (nacosae.results schema) of a naming run: the naming columns of every feature over `base`
+    (tables with the feature statistics, e.g. `tables_from_stats` or an earlier dataset), or over feature pages made
+    from the pool (`pool_stats_rows`) when there is none. Images: the bank pictures the rows refer to."""
+    from nacosae.results import overlay_results, rows_to_table, runs_row
+
+    feats = [r["feature"] for r in out.rows]
+    rows = []
+    for r in out.rows:
+        row = {k: v for k, v in r.items() if k != "pool_mils_history"}
+        hist = r.get("pool_mils_history")
+        row["pool_mils_history"] = ([{"iteration": h["iteration"], "prompt": h["prompt"], "score": h["score"],
+                                      "render_ids": []} for h in hist] if hist else None)
+        row["pool_mils_scores_by_iteration"] = [h["score"] for h in hist] if hist else None
+        row["sae_id"] = sae_id
+        rows.append(row)
+    if base is None:
+        stats = {s["feature"]: s for s in pool_stats_rows(out, sae_id, feats)}
+        rows = [{**stats[r["feature"]], **r} for r in rows]
+    # cosy render ids are pool render ids = bank item ids offline; keep them as image ids
+    used = dict.fromkeys(i for r in rows for m in METHODS for i in (r.get(f"cosy_render_ids_{m}") or []))
+    if base is None:
+        used.update(dict.fromkeys(i for r in rows for i in r["top_image_ids"]))
+    split_of = {}
+    images = [_bank_image_row(out.bank, i, split_of, max_px, image_format) for i in used]
+    evaluation = {k: v for k, v in out.summary.items() if k != "table"} | {"table": out.summary["table"]}
+    extra = {"features": rows_to_table("features", rows), "images": rows_to_table("images", images),
+             "runs": rows_to_table("runs", [runs_row(sae_id, sae_config, metrics, evaluation)])}
+    return extra if base is None else overlay_results(base, extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `nacosae name`
+
+
+def load_backbone_for(provenance: dict[str, Any], device: str = "cpu"):
+    """The backbone an SAE's activations came from, rebuilt from its provenance (backbone spec and weights tag)."""
+    from nacosae.backbones import load_backbone
+
+    name, weights = str(provenance.get("backbone") or ""), provenance.get("weights")
+    if not name:
+        raise ValueError("the SAE's config has no provenance.backbone: say which backbone made its activations "
+                         "(nacosae import --backbone ...)")
+    kwargs: dict[str, Any] = {}
+    if name.startswith("open_clip:") and not name.startswith(("open_clip:hf-hub:", "open_clip:local-dir:")):
+        kwargs["pretrained"] = weights
+    return load_backbone(name, device=device, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`nacosae name`: name every live feature of an SAE and write the results dataset."""
+    import argparse
+
+    from nacosae.cli import add_dataclass_args, dataclass_from_args
+    from nacosae.layout import RunLayout
+    from nacosae.results import CARD, carried_sections, read_results_folder, results_card, write_results_folder
+    from nacosae.sae import SAE
+
+    ap = argparse.ArgumentParser(prog="nacosae name", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", required=True, help="SAE folder (model.safetensors + config.json) or Hub repo id")
+    ap.add_argument("--subfolder", default=None, help="subfolder of a Hub repo holding the SAE (e.g. efficientnet-lite0/blocks.14)")
+    ap.add_argument("--sae-id", default=None, help="the SAE's id in the results (default: <backbone>/<layer>)")
+    ap.add_argument("--out", required=True, help="results dataset folder to write (replaced atomically)")
+    ap.add_argument("--work", default=None, help="work folder: the render pool and the loop's state, reused by re-runs "
+                    "(default: OUT.naming next to --out)")
+    ap.add_argument("--base-results", default=None, help="a results folder of the same SAE with its feature statistics "
+                    "(e.g. built by `nacosae stats`); default: feature pages from the bank pool")
+    ap.add_argument("--per-feature-mils", type=int, default=48, help="features in the per-feature MILS comparison "
+                    "(seeded subsample; 0 skips it) (default: %(default)s)")
+    ap.add_argument("--max-bank", type=int, default=None, help="a seeded family subset of the bank (quick runs)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--figures", default=None, help="folder for the loop-gain figure (default: the work folder)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dataclass_args(ap, EngineConfig)
+    args = ap.parse_args(None if argv is None else list(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = dataclass_from_args(EngineConfig, args)
+    out_dir = Path(args.out)
+    work = Path(args.work) if args.work else out_dir.with_name(out_dir.name + ".naming")
+    sae = SAE.from_pretrained(args.sae, subfolder=args.subfolder) if args.subfolder else SAE.from_pretrained(args.sae)
+    sae.eval()
+    prov = sae.cfg.provenance or {}
+    layer, tokens = prov.get("layer"), prov.get("tokens")
+    if not layer or not tokens:
+        raise SystemExit("the SAE's config has no provenance layer/tokens: import it with `nacosae import --layer ... --tokens ...`")
+    sae_id = args.sae_id or f"{prov.get('backbone')}/{layer}".replace(":", "_")
+    backbone = load_backbone_for(prov)
+    bank = offline_bank(progress=not args.quiet, max_items=args.max_bank, seed=cfg.seed)
+    out = name_every_feature(sae, backbone, layer, tokens, work, bank=bank, cfg=cfg,
+                             n_per_feature_mils=args.per_feature_mils, progress=not args.quiet)
+    from nacosae.naming.report import plot_loop_gain, protocol_markdown
+
+    fig = plot_loop_gain(out.results, [r["feature"] for r in out.rows if r["unnamed_reason"] != "dead"],
+                         Path(args.figures or work) / "loop_gain.png")
+    base = read_results_folder(args.base_results) if args.base_results else None
+    sae_folder = Path(args.sae) / (args.subfolder or "")
+    config = json.loads((sae_folder / "config.json").read_text()) if (sae_folder / "config.json").is_file() else sae.cfg.to_dict()
+    metrics = json.loads((sae_folder / "metrics.json").read_text()) if (sae_folder / "metrics.json").is_file() else {}
+    tables = results_tables(out, sae_id, config, metrics, base)
+    carried = carried_sections((Path(args.base_results) / CARD).read_text(encoding="utf-8")) if args.base_results and (Path(args.base_results) / CARD).is_file() else {}
+    carried["evaluation-protocol"] = protocol_markdown(out.summary)
+    card = results_card(tables, repo_id=str(out_dir), existing=None, carried=carried)
+    write_results_folder(tables, out_dir, card)
+    s = out.summary
+    print(protocol_markdown(s))
+    print(f"results: {out_dir}  (load with datasets.load_dataset({str(out_dir)!r}))  figure: {fig}")
+    print(f"time: {s['timings_s']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
