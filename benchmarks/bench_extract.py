@@ -10,9 +10,15 @@
 3. With --store PATH, on a real store: throughput (rows/s) of the chunk-mixing reader vs the previous one that
    shuffled within groups of whole shards (kept below as `legacy_iter_batches`), best of --repeats epochs each,
    interleaved, and how far each one's batch means stray from the store mean, next to an i.i.d. reference.
+4. With --many-layers L1,L2,...: k layers from one pass (`extract_many`: one decode, one forward per image) against
+   k single-layer extractions, end to end from the image files (a seeded subset of the source, decoding included),
+   and where one single-layer extraction's time goes (decode, preprocess, forward); CPU and wall, best of --repeats.
 
     python benchmarks/bench_extract.py --source openclipart --n-images 300 --threads 1
     python benchmarks/bench_extract.py --skip-extract --skip-reader --store runs/offline_default/acts/blocks.14
+    python benchmarks/bench_extract.py --skip-extract --skip-reader --many-layers blocks.8,blocks.14,features,pooled:mean
+    python benchmarks/bench_extract.py --skip-extract --skip-reader --backbone open_clip:ViT-B-32 \
+        --many-layers resblocks.3:patches,resblocks.7:patches,resblocks.11:patches --n-images 100
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--legacy-buffer-shards", type=int, default=4, help="part 3: the old reader's buffer (its default)")
     p.add_argument("--reader-batch-size", type=int, default=4096, help="part 3: batch size (train_sae's default)")
     p.add_argument("--shard-mb", type=int, default=16, help="reader part: size of one shard")
+    p.add_argument("--many-layers", help="part 4: comma list of LAYER or LAYER:TOKENS (else --tokens)")
     p.add_argument("--skip-reader", action="store_true")
     p.add_argument("--skip-extract", action="store_true")
     return p.parse_args(argv)
@@ -305,6 +312,101 @@ def bench_store_reader(args) -> list[tuple[str, str]]:
     return out
 
 
+def bench_many_layers(args) -> list[tuple[str, str]]:
+    """k layers from one pass vs k single-layer extractions, from the files; and the single-layer time split."""
+    import torch
+
+    from nacosae.backbones import load_backbone
+    from nacosae.extract import Target, extract, extract_many
+    from nacosae.images import FolderSource, OpenClipArtSource, SkimageSource, SubsetSource
+
+    torch.set_num_threads(args.threads)
+    bb = load_backbone(args.backbone)
+    targets = []
+    for item in args.many_layers.split(","):
+        layer, _, tokens = item.strip().partition(":")
+        targets.append((layer, tokens or args.tokens))
+    if args.source == "openclipart":
+        full = OpenClipArtSource(progress=False)
+    elif args.source == "skimage":
+        full = SkimageSource()
+    else:
+        full = FolderSource(args.source.removeprefix("folder:"), progress=False)
+    src = SubsetSource(full, args.n_images, seed=0)  # every category, not the first folder's images
+    records = src.records()
+    n, B = len(records), args.batch_size
+
+    def clocks():
+        return time.perf_counter(), time.process_time()
+
+    def split():
+        """One single-layer extraction's work, stage by stage: (decode, preprocess, forward of each target, one
+        multi-layer forward), each (wall, cpu) seconds."""
+        w0, c0 = clocks()
+        images = [src.load(r) for r in records]
+        w1, c1 = clocks()
+        pixels = torch.stack([bb.preprocess(im) for im in images])
+        w2, c2 = clocks()
+        fwd = []
+        with torch.inference_mode():
+            for layer, tokens in targets:
+                a, b = clocks()
+                for i in range(0, n, B):
+                    bb.activations(pixels[i:i + B], layer, tokens)
+                c, d = clocks()
+                fwd.append((c - a, d - b))
+            a, b = clocks()
+            for i in range(0, n, B):
+                bb.activations_multi(pixels[i:i + B], targets)
+            c, d = clocks()
+        return (w1 - w0, c1 - c0), (w2 - w1, c2 - c1), fwd, (c - a, d - b)
+
+    def end_to_end():
+        """(k single-layer extractions, one k-layer extraction), each (wall, cpu) seconds, from the files."""
+        with tempfile.TemporaryDirectory() as tmp:
+            a, b = clocks()
+            for j, (layer, tokens) in enumerate(targets):
+                extract(src, bb, layer, tokens, Path(tmp) / f"single{j}", batch_size=B, progress=False)
+            c, d = clocks()
+            extract_many(src, bb, [Target(layer, tokens, Path(tmp) / f"many{j}") for j, (layer, tokens) in enumerate(targets)],
+                         batch_size=B, progress=False)
+            e, f = clocks()
+        return (c - a, d - b), (e - c, f - d)
+
+    split()  # warm-up: page cache, allocator, oneDNN kernels
+    splits, e2e = [], []
+    for _ in range(args.repeats):
+        splits.append(split())
+        e2e.append(end_to_end())
+    best = lambda xs: min(xs)  # noqa: E731
+    k = len(targets)
+    cpu_fwd = [best(s[2][j][1] for s in splits) for j in range(k)]
+    deepest = max(range(k), key=lambda j: cpu_fwd[j])  # the costliest forward: a single-layer run's upper end
+    out = [("many layers: images, backbone, targets", f"{n} ({src.name}), {args.backbone}, "
+                                                      + ", ".join(f"{l_}:{t}" for l_, t in targets)),
+           ("torch threads, batch size, repeats (best of)", f"{args.threads}, {B}, {args.repeats}")]
+    for c, clock in ((1, "CPU"), (0, "wall")):
+        t_dec = best(s[0][c] for s in splits)
+        t_pre = best(s[1][c] for s in splits)
+        t_fwd = [best(s[2][j][c] for s in splits) for j in range(k)]
+        t_multi = best(s[3][c] for s in splits)
+        one = t_dec + t_pre + t_fwd[deepest]
+        t_single = best(e[0][c] for e in e2e)
+        t_many = best(e[1][c] for e in e2e)
+        out += [
+            (f"{clock}: decode / preprocess / forward ({targets[deepest][0]}), per image",
+             f"{1e3 * t_dec / n:.1f} / {1e3 * t_pre / n:.1f} / {1e3 * t_fwd[deepest] / n:.1f} ms"),
+            (f"**{clock}: decode share of a single-layer extraction ({targets[deepest][0]})**",
+             f"**{100 * t_dec / one:.0f} %** (decode + preprocess: {100 * (t_dec + t_pre) / one:.0f} %)"),
+            (f"{clock}: forward only, {k} single-layer passes vs one {k}-layer pass",
+             f"{sum(t_fwd):.2f} s vs {t_multi:.2f} s ({sum(t_fwd) / t_multi:.2f}×)"),
+            (f"**{clock}: extraction from files, {k} single-layer runs vs one {k}-layer run**",
+             f"**{t_single:.1f} s ({k * n / t_single:.1f} layer-img/s) vs {t_many:.1f} s ({k * n / t_many:.1f} layer-img/s): "
+             f"{t_single / t_many:.2f}×**"),
+        ]
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = []
@@ -314,6 +416,8 @@ def main(argv=None) -> int:
         rows += bench_reader(args)
     if args.store:
         rows += bench_store_reader(args)
+    if args.many_layers:
+        rows += bench_many_layers(args)
     print("| measure | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")

@@ -14,11 +14,16 @@ OUT_DIR[/STORE_NAME][/KEY1VALUE1-KEY2VALUE2] (the store name only with several -
 SAEs on one store must share --batch-size, --seed and --val-fraction (they read one batch stream).
 
 Killed? Run the same command again: every SAE resumes from its own OUT_DIR/checkpoint/, finished ones are kept.
+
+Data parallel over processes (each reads its own share of the stores; rank 0 writes the files):
+    torchrun --nproc_per_node 2 hub_scripts/train_sae.py ... same flags ...   # gloo on CPU, nccl with --device cuda
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -105,7 +110,21 @@ def build_configs(argv: list[str]) -> list[TrainConfig]:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     cfgs = build_configs(argv)
-    results = train_many(cfgs)
+    import torch.distributed as dist
+
+    launched = int(os.environ.get("WORLD_SIZE", 1)) > 1  # torchrun / accelerate launch set RANK, WORLD_SIZE, MASTER_*
+    if launched:
+        local = int(os.environ.get("LOCAL_RANK", 0))  # one GPU per process: "cuda" means this process's own
+        cfgs = [dataclasses.replace(c, device=f"cuda:{local}") if c.device == "cuda" else c for c in cfgs]
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cfgs[0].device.startswith("cuda") else "gloo")
+    try:
+        results = train_many(cfgs)
+    finally:
+        if launched and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     if len(cfgs) == 1:
         print(json.dumps(results[0][1], indent=2))
     else:

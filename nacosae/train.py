@@ -121,19 +121,38 @@ class SAETrainer:
 
     `step(x_BD, step)` runs one optimisation step on a (B, d_in) batch; `fit` and `train_many` call it, so one SAE
     trained alone and one trained next to others take the same steps.
+
+    Data parallel (`distributed=True`, inside an initialised `torch.distributed` group): every rank holds the same SAE
+    and passes its own part of the global batch; the update is the one of the whole batch. Each rank's loss terms are
+    reweighted so that the SUM of the ranks' gradients is the gradient of the global-batch objective: the FVU by
+    V_r / V (its share of the global batch's total variance, from one all-reduce of (n, Σx, within-rank variance)),
+    the AuxK term likewise with the residual's variance, the L1 term by n_r / N. Gradients are then summed
+    (all-reduce), and every rank takes the same Adam step on the same numbers, so the ranks stay identical; the
+    dead-latent counts use every rank's codes. Exact (to float rounding) for topk and relu, with or without Matryoshka;
+    batchtopk selects its k·B_r entries per rank and averages its inference threshold over ranks (as sparsify does).
     """
 
     def __init__(self, sae: SAE, n_steps: int, lr: float, *, optimizer: torch.optim.Optimizer | None = None,
                  dead: DeadLatentTracker | None = None, warmup_steps: int = 50, log_every: int = 20,
-                 on_log: Callable[[dict[str, Any]], None] | None = None):
+                 on_log: Callable[[dict[str, Any]], None] | None = None, distributed: bool = False):
         self.sae, self.n_steps, self.lr = sae, n_steps, lr
         self.device = sae.W_dec.device
         self.optimizer = optimizer or make_optimizer(sae, lr)
         self.dead = dead or DeadLatentTracker(sae.cfg.d_sae, 10_000_000, self.device)
         self.warmup_steps, self.log_every, self.on_log = warmup_steps, log_every, on_log
         self.history: list[dict[str, Any]] = []
-        self.rows_done, self.seconds = 0, 0.0  # this session's rows and time spent in `step`
+        self.rows_done, self.seconds = 0, 0.0  # this session's rows (over all ranks) and time spent in `step`
         self.last: dict[str, Any] | None = None  # the last logged row
+        self.distributed = distributed
+        if distributed:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError("distributed=True needs an initialised torch.distributed process group (torchrun + "
+                                   "init_process_group)")
+            self._dist = dist
+            for t in sae.state_dict().values():  # the ranks start from rank 0's SAE (they should already agree)
+                dist.broadcast(t, src=0)
 
     def step(self, x_BD: torch.Tensor, step: int) -> None:
         t0 = time.perf_counter()
@@ -141,22 +160,39 @@ class SAETrainer:
         sae, optimizer, dead = self.sae, self.optimizer, self.dead
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, self.n_steps, self.lr, self.warmup_steps)
-        out = sae(x_BD, dead_mask_S=dead.dead_mask_S)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        if self.distributed:
+            out, n_rows, fvu = self._distributed_backward(x_BD)
+        else:
+            out = sae(x_BD, dead_mask_S=dead.dead_mask_S)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            n_rows, fvu = x_BD.shape[0], out.fvu.detach()
         # Project out the radial gradient, step, then renormalise: decoder rows stay unit-norm (METHODS §1).
         sae.remove_parallel_grad()
         optimizer.step()
         sae.normalize_decoder()
-        if out.codes is not None:
+        if self.distributed:
+            # A latent is alive if it fired on any rank's rows.
+            if out.codes is not None:
+                fired_S = (out.codes.detach() > 0).any(0).to(torch.int32)
+            else:
+                fired_S = torch.zeros(sae.cfg.d_sae, dtype=torch.int32, device=self.device)
+                fired_S[out.top_idx[out.top_vals.detach() > 0]] = 1
+            self._dist.all_reduce(fired_S, op=self._dist.ReduceOp.MAX)
+            dead.rows_since_fire_S += n_rows
+            dead.rows_since_fire_S[fired_S.bool()] = 0
+            if sae.cfg.activation == "batchtopk":
+                self._dist.all_reduce(sae.threshold.data)
+                sae.threshold.data /= self._dist.get_world_size()
+        elif out.codes is not None:
             dead.update(out.codes.detach())
         else:
             dead.update_from_topk(out.top_idx, out.top_vals.detach())
-        self.rows_done += x_BD.shape[0]
+        self.rows_done += n_rows
         if step % self.log_every == 0 or step == self.n_steps - 1:
             row = {
                 "step": step,
-                "fvu": out.fvu.item(),
+                "fvu": float(fvu),
                 "aux_loss": out.aux_loss.item(),
                 "loss": out.loss.item(),
                 "l0": out.l0.item(),
@@ -169,6 +205,42 @@ class SAETrainer:
             if self.on_log:
                 self.on_log(row)
         self.seconds += time.perf_counter() - t0
+
+    def _distributed_backward(self, x_BD: torch.Tensor):
+        """Forward on this rank's rows, backward of the reweighted loss, gradients summed over ranks. Returns the
+        output, the global batch's row count and its FVU (a float)."""
+        dist, sae = self._dist, self.sae
+        scale = sae.cfg.input_scale
+        xs_BD = x_BD.double() / scale  # the SAE's scaled space, where its losses are computed
+        V, V_r, N = _global_variance(dist, xs_BD)
+        out = sae(x_BD, dead_mask_S=self.dead.dead_mask_S)
+        recon = out.loss - out.aux_loss - out.sparsity_loss  # (mean over Matryoshka prefixes of) Σ‖x − x̂‖² / V_r
+        loss = recon * (V_r / V) + out.sparsity_loss * (x_BD.shape[0] / N)
+        if out.aux_loss.requires_grad:  # the same on every rank: the dead mask is shared
+            Vres, Vres_r, _ = _global_variance(dist, xs_BD - out.x_hat.detach().double())
+            loss = loss + out.aux_loss * (Vres_r / Vres)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in sae.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+        sse = torch.tensor([out.fvu.item() * V_r], dtype=torch.float64)
+        dist.all_reduce(sse)
+        return out, N, sse.item() / V
+
+
+def _global_variance(dist, xs_BD: torch.Tensor) -> tuple[float, float, int]:
+    """(V, V_r, N): the total variance Σ‖x − x̄‖² of the global batch (all ranks' rows, around their common mean),
+    this rank's own Σ‖x − x̄_r‖², and the global row count; float64, one all-reduce of (n, Σx, V_r, n‖x̄_r‖²)."""
+    n = xs_BD.shape[0]
+    sum_D = xs_BD.sum(0)
+    V_r = (xs_BD - sum_D / n).pow(2).sum()
+    stats = torch.cat([torch.tensor([n, V_r.item(), sum_D.pow(2).sum().item() / n], dtype=torch.float64), sum_D.cpu()])
+    dist.all_reduce(stats)
+    N, sum_V, sum_nm2, S_D = int(stats[0].item()), stats[1].item(), stats[2].item(), stats[3:]
+    # Σ‖x − x̄‖² = Σ_r V_r + Σ_r n_r‖x̄_r‖² − N‖x̄‖² (the between-rank term of the decomposition of variance)
+    V = sum_V + sum_nm2 - S_D.pow(2).sum().item() / N
+    return max(V, 1e-12), max(V_r.item(), 1e-12), N
 
 
 def fit(
@@ -226,8 +298,10 @@ SHARED_PER_STORE = ("batch_size", "seed", "val_fraction")
 class _Run:
     """One SAE of a `train_many` run: its config, folder, step count, trainer (None once trained) and result."""
 
-    def __init__(self, cfg: TrainConfig, store, train_rows, n_train_rows: int):
+    def __init__(self, cfg: TrainConfig, store, train_rows, n_train_rows: int, stream_rows=None, lead: bool = True):
         self.cfg, self.store, self.train_rows, self.n_train_rows = cfg, store, train_rows, n_train_rows
+        self.stream_rows = train_rows if stream_rows is None else stream_rows  # the images this process reads
+        self.lead = lead  # the process that writes the run's files (rank 0)
         self.out = Path(cfg.out_dir)
         self.ckpt = self.out / "checkpoint"
         self.n_steps = max(1, int(cfg.n_epochs * n_train_rows / cfg.batch_size))
@@ -243,6 +317,8 @@ class _Run:
         return (self.out / "metrics.json").exists() and (self.out / "sae" / "config.json").exists()
 
     def checkpoint(self, step: int) -> None:
+        if not self.lead:  # data-parallel ranks hold the same state: rank 0 writes it
+            return
         t = self.trainer
         _save_checkpoint(self.ckpt, t.sae, t.optimizer, t.dead, step, history=(self.out / "history.jsonl", t.history))
 
@@ -255,11 +331,24 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
     Configs on the same store must agree on `SHARED_PER_STORE` (ValueError otherwise); widths, k, activations,
     learning rates, epochs (each SAE stops at its own n_steps) and devices may differ. Re-running the same list resumes
     every SAE from its own checkpoint; finished SAEs are loaded, not retrained.
+
+    Under torchrun (an initialised `torch.distributed` group of W > 1 processes): data parallel. Each process reads
+    its own share of every store's training images (every W-th one) in batches of batch_size / W rows, and every SAE
+    takes the steps of the global batch on every process (`SAETrainer`, distributed); rank 0 writes checkpoints,
+    history, validation metrics and the SAE. A resume may use another number of processes.
     """
+    import torch.distributed as dist
+
     from nacosae.store import ActivationStore
 
     if not cfgs:
         raise ValueError("no configs to train")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    progress = progress and rank == 0
+    bad = [c.batch_size for c in cfgs if c.batch_size % world]
+    if bad:
+        raise ValueError(f"batch sizes {bad} do not split evenly over {world} processes: use multiples of {world}")
     outs = [Path(c.out_dir).resolve() for c in cfgs]
     if len(set(outs)) != len(outs):
         raise ValueError(f"two configs share an out_dir ({[str(o) for o in outs]}): give each SAE its own folder")
@@ -281,7 +370,8 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
         n_train_rows = store.n_rows_in(train_rows)
         init_sample = None  # one seeded sample initialises every SAE of this store, read once
         for i in idx:
-            run = runs[i] = _Run(cfgs[i], store, train_rows, n_train_rows)
+            run = runs[i] = _Run(cfgs[i], store, train_rows, n_train_rows, lead=rank == 0,
+                                 stream_rows=train_rows[rank::world] if world > 1 else None)
             run.out.mkdir(parents=True, exist_ok=True)
             _check_run_config(run.out, run.cfg)
             if run.finished:  # finished before: nothing to redo
@@ -310,7 +400,8 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
                 dead = DeadLatentTracker(run.d_sae, cfg.dead_after_rows or min(10_000_000, n_train_rows), cfg.device)
             sae.matmul_dtype = run.cfg.matmul_dtype
             run.trainer = SAETrainer(sae, run.n_steps, run.lr, optimizer=optimizer, dead=dead,
-                                     warmup_steps=run.cfg.warmup_steps, log_every=run.cfg.log_every)
+                                     warmup_steps=run.cfg.warmup_steps, log_every=run.cfg.log_every,
+                                     distributed=world > 1)
             run.trainer.history = _read_history(run.out / "history.jsonl", upto_step=run.start_step)
         live = [runs[i] for i in idx if runs[i].trainer is not None]
         streams.append((store, live, val_rows))
@@ -318,14 +409,20 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
 
     active = [(store, live) for store, live, _ in streams if live]
     if active:
-        _train_loop(active, progress)
+        _train_loop(active, progress, world)
     for store, live, val_rows in streams:
-        if live:
+        if live and rank == 0:
             _finish(store, live, val_rows)
+    if world > 1:  # the other ranks hold the same SAEs; their metrics are rank 0's
+        dist.barrier()
+        for run in runs:
+            if run.result is None:
+                run.trainer.sae.eval()
+                run.result = (run.trainer.sae, json.loads((run.out / "metrics.json").read_text()))
     return [run.result for run in runs]
 
 
-def _train_loop(active: list, progress: bool) -> None:
+def _train_loop(active: list, progress: bool, world: int = 1) -> None:
     """Steps from the earliest resume point to the last SAE's end: each store's stream yields one batch per step while
     any of its SAEs trains, and every SAE of that store that is within [its start, its n_steps) steps on it."""
     loops = []
@@ -334,7 +431,7 @@ def _train_loop(active: list, progress: bool) -> None:
         start, end = min(r.start_step for r in live), max(r.n_steps for r in live)
         devices = {str(r.cfg.device) for r in live}
         # A resumed run draws a fresh, seeded data order from its step on: batches are not replayed.
-        batches = store.iter_batches(c0.batch_size, shuffle=True, seed=c0.seed * 1_000_003 + start, rows=live[0].train_rows,
+        batches = store.iter_batches(c0.batch_size // world, shuffle=True, seed=c0.seed * 1_000_003 + start, rows=live[0].stream_rows,
                                      device=devices.pop() if len(devices) == 1 else "cpu")
         loops.append((iter(batches), live, start, end))
     first, last = min(lp[2] for lp in loops), max(lp[3] for lp in loops)

@@ -74,3 +74,65 @@ def test_lr_schedule():
     assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert lr_at(50, 100, 1.0, 10) == 1.0
     assert lr_at(99, 100, 1.0, 10) == pytest.approx(0.05)
+
+
+# ---------------------------------------------------------------- data parallel: 2 CPU processes (gloo) = 1 process
+DDP_CASES = {  # name → SAEConfig kwargs; dead_after_rows is small so AuxK works from the first steps on
+    "topk+auxk": dict(activation="topk", k=4, aux_k=8),
+    "relu-matryoshka": dict(activation="relu", l1_coeff=0.01, matryoshka_sizes=matryoshka_fractions(128)),
+}
+
+
+def _ddp_train(name: str, batches, distributed: bool):
+    """30 steps of SAETrainer on `batches` (this process's rows of each global batch)."""
+    from nacosae.train import SAETrainer
+
+    torch.manual_seed(0)
+    planted = PlantedDictionary(d=32, n_directions=96, n_active=3, seed=2)
+    sae = SAE(SAEConfig(d_in=32, d_sae=128, **DDP_CASES[name])).init_from_data(planted.sample(2048))
+    sae.matmul_dtype = "float32"
+    trainer = SAETrainer(sae, len(batches), 3e-3, dead=DeadLatentTracker(128, 300), warmup_steps=5, log_every=1,
+                         distributed=distributed)
+    for step, x in enumerate(batches):
+        trainer.step(x, step)
+    return sae, trainer
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, batches_file: str, out_file: str):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        batches = torch.load(batches_file)
+        out = {}
+        for name in DDP_CASES:
+            half = [x.chunk(world)[rank] for x in batches]  # this rank's rows of each global batch
+            sae, trainer = _ddp_train(name, half, distributed=True)
+            out[name] = {"state": sae.state_dict(), "fvu": [r["fvu"] for r in trainer.history],
+                         "dead": trainer.dead.rows_since_fire_S.clone()}
+        torch.save(out, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_on_two_processes_equals_one_process(tmp_path):
+    """Two gloo processes, each given its half of every global batch, take the steps one process takes on the whole
+    batches: same weights (float tolerance), same global FVU curve, same dead-latent counts, on both ranks."""
+    import torch.multiprocessing as mp
+
+    planted = PlantedDictionary(d=32, n_directions=96, n_active=3, seed=7)
+    batches = [planted.sample(256) * 3.0 for _ in range(30)]
+    torch.save(batches, tmp_path / "batches.pt")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "batches.pt"), str(tmp_path / "out")),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    for name in DDP_CASES:
+        one, trainer = _ddp_train(name, batches, distributed=False)
+        if name == "topk+auxk":
+            assert any(row["aux_loss"] > 0 for row in trainer.history)  # the AuxK reweighting is exercised
+        for r, got in enumerate(ranks):
+            for key, want in one.state_dict().items():
+                assert torch.allclose(got[name]["state"][key], want, atol=2e-5, rtol=1e-4), (name, r, key)
+            assert got[name]["fvu"] == pytest.approx([row["fvu"] for row in trainer.history], rel=1e-4, abs=1e-6)
+            assert torch.equal(got[name]["dead"], trainer.dead.rows_since_fire_S), (name, r)

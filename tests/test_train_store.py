@@ -3,6 +3,7 @@ from one read, each equal to its own run, each resuming on its own."""
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -206,3 +207,44 @@ def test_cli_sweep_sigkill_then_rerun_resumes_every_sae(stores, tmp_path):
                                {"store": str(stores / "2"), "out_dir": str(tmp_path / "y"), "seed": 1}]))
     res = subprocess.run([sys.executable, str(ROOT / "hub_scripts/train_sae.py"), "--runs", str(bad)], capture_output=True, text=True)
     assert res.returncode != 0 and "need one seed" in res.stderr
+
+
+# ---------------------------------------------------------------- data parallel under torchrun
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc), listed before any is killed."""
+    kids = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            kids += [int(c) for c in f.read().split()]
+    return [pid] + [d for k in kids for d in _process_tree(k)]
+
+
+def test_torchrun_two_processes_train_then_resume_after_sigkill(store_dir, tmp_path):
+    """2 CPU processes (gloo), each reading its own half of the training images: killed (the launcher and its workers)
+    after a checkpoint, the same command resumes and finishes; the SAE is as good as one process's (other batches,
+    so not the same numbers: tests/test_train.py shows the step equals one process's on the same global batch)."""
+    out = tmp_path / "run"
+    args = ["--store", str(store_dir), "--out-dir", str(out), "--expansion", "4", "--k", "4", "--batch-size", "64",
+            "--n-epochs", "10", "--checkpoint-every", "5", "--log-every", "1", "--val-fraction", "0.2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "hub_scripts/train_sae.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 180
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    for pid in _process_tree(proc.pid):  # the launcher and its workers (each in its own session), all at once
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "no checkpoint was written before the kill"
+    killed_at = json.loads(state.read_text())["step"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming {out} at step {killed_at}/" in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == metrics["n_steps"] - 1
+    _, alone = train(_cfg(store_dir, tmp_path / "alone", batch_size=64, n_epochs=10), progress=False)
+    assert metrics["n_steps"] == alone["n_steps"]  # the same global batches per epoch
+    assert metrics["val_fvu"] < 1.0 and abs(metrics["val_fvu"] - alone["val_fvu"]) < 0.1, (metrics, alone)
