@@ -136,19 +136,49 @@ class SplitScorer:
 # Offline renderer: retrieval from the bank pool
 
 
+class TextEmbeddingCache:
+    """Sentence embeddings computed once per text: in memory, and on disk at `path` (one safetensors file, rewritten
+    atomically when new texts were embedded) so re-runs and the app skip the embedder for known prompts."""
+
+    def __init__(self, embedder, path: str | os.PathLike | None = None):
+        self.embedder, self.path = embedder, Path(path) if path is not None else None
+        self._emb: dict[str, Tensor] = {}
+        if self.path is not None and self.path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), "pt") as f:
+                if f.metadata().get("embedder") == embedder.id:
+                    texts = json.loads(f.metadata()["texts"])
+                    self._emb = dict(zip(texts, f.get_tensor("embeddings")))
+
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in self._emb]
+        if new:
+            self._emb.update(zip(new, self.embedder.encode(new)))
+            if self.path is not None:
+                from nacosae.io import atomic_save_safetensors
+
+                keys = list(self._emb)
+                atomic_save_safetensors(self.path, {"embeddings": torch.stack([self._emb[k] for k in keys])},
+                                        metadata={"embedder": self.embedder.id, "texts": json.dumps(keys)})
+        return torch.stack([self._emb[t] for t in texts])
+
+
 class BankRetrieval:
     """Offline "rendering": a prompt's renders on a split are the split's bank pictures (controls excluded) whose
     descriptions are nearest to it in sentence-embedding space (ties: lower bank index). Every bank picture is a pool
     row already (`pool.rows[i]["item"]` = bank index), so nothing is encoded here."""
 
-    def __init__(self, bank, pool, embedder, n_controls: int = 500, seed: int = 0):
+    def __init__(self, bank, pool, embedder, n_controls: int = 500, seed: int = 0,
+                 cache_path: str | os.PathLike | None = None):
         self.bank, self.pool, self.embedder = bank, pool, embedder
+        self.cache = TextEmbeddingCache(embedder, cache_path)
         self.id = f"retrieval:{bank.id}:{embedder.id}"
         row_of_item = {r["item"]: i for i, r in enumerate(pool.rows) if "item" in r}
         missing = [it.item_id for it in bank.items if it.item_id not in row_of_item]
         if missing:
             raise ValueError(f"{len(missing)} bank pictures are not in the pool (e.g. {missing[:3]}): fill the pool first")
-        self.desc_NE = embedder.encode([it.description for it in bank.items])
+        self.desc_NE = self.cache.encode([it.description for it in bank.items])
         self._rows, self._controls = {}, {}
         rng = np.random.default_rng(seed)
         for split in SPLITS:
@@ -159,14 +189,9 @@ class BankRetrieval:
             self._controls[split] = torch.tensor([row_of_item[bank.items[i].item_id] for i in ctrl], dtype=torch.long)
             self._rows[split] = (torch.as_tensor(rest, dtype=torch.long),
                                  torch.tensor([row_of_item[bank.items[i].item_id] for i in rest], dtype=torch.long))
-        self._emb_cache: dict[str, Tensor] = {}
 
     def embed(self, prompts: Sequence[str]) -> Tensor:
-        new = [p for p in dict.fromkeys(prompts) if p not in self._emb_cache]
-        if new:
-            for p, e in zip(new, self.embedder.encode(new)):
-                self._emb_cache[p] = e
-        return torch.stack([self._emb_cache[p] for p in prompts]) if prompts else torch.zeros(0, self.desc_NE.shape[1])
+        return self.cache.encode(list(prompts)) if prompts else torch.zeros(0, self.desc_NE.shape[1])
 
     def rows(self, prompts: Sequence[str], split: str, n: int) -> Tensor:
         items, rows = self._rows[split]

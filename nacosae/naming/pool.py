@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
@@ -46,6 +47,7 @@ class RenderPool:
         self.rows: list[dict[str, Any]] = []
         self._index: dict[str, int] = {}
         self._chunks: list[Tensor] = []  # dense float32 per chunk, cached on read (small: pools hold thousands of rows)
+        self._thumbs: dict[int, bytes] = {}
         self._dense: Tensor | None = None
         self._n_chunks = 0
 
@@ -80,12 +82,15 @@ class RenderPool:
             with safe_open(str(path), "pt") as f:
                 rows = json.loads(f.metadata()["rows"])
                 indptr, indices, values = f.get_tensor("indptr"), f.get_tensor("indices"), f.get_tensor("values")
-            self._append(rows, _csr_to_dense(indptr, indices, values, self.d_sae))
+                thumbs = _split_bytes(f.get_tensor("thumbs"), f.get_tensor("thumb_offsets")) if "thumbs" in f.keys() else None
+            self._append(rows, _csr_to_dense(indptr, indices, values, self.d_sae), thumbs)
             self._n_chunks = max(self._n_chunks, int(path.stem.split("-")[1]) + 1)
 
-    def _append(self, rows: list[dict], dense_NS: Tensor) -> None:
-        for r in rows:
+    def _append(self, rows: list[dict], dense_NS: Tensor, thumbs: list[bytes] | None = None) -> None:
+        for k, r in enumerate(rows):
             self._index[r["render_id"]] = len(self.rows)
+            if thumbs is not None and thumbs[k]:
+                self._thumbs[len(self.rows)] = thumbs[k]
             self.rows.append(r)
         self._chunks.append(dense_NS)
         self._dense = None
@@ -100,9 +105,10 @@ class RenderPool:
         """The row number of a render (KeyError if absent)."""
         return self._index[render_id]
 
-    def add(self, rows: Sequence[dict[str, Any]], codes_NS: Tensor) -> None:
+    def add(self, rows: Sequence[dict[str, Any]], codes_NS: Tensor, thumbs: Sequence[bytes] | None = None) -> None:
         """Append renders as one atomic chunk. Each row needs `render_id` (unique), `prompt`, `seed`, `split`.
-        Raises ValueError on a shape mismatch, a duplicate id or non-finite codes."""
+        `thumbs`: encoded thumbnails of the renders (made while the picture is decoded anyway, so the results dataset
+        and the app never decode it again). Raises ValueError on a shape mismatch, a duplicate id or non-finite codes."""
         codes_NS = torch.as_tensor(codes_NS, dtype=torch.float32).cpu()
         if codes_NS.ndim != 2 or codes_NS.shape != (len(rows), self.d_sae):
             raise ValueError(f"codes must be ({len(rows)}, {self.d_sae}), got {tuple(codes_NS.shape)}")
@@ -119,10 +125,15 @@ class RenderPool:
         indices = mask.nonzero()[:, 1].to(torch.int32)
         values = codes_NS[mask]
         path = self.folder / f"chunk-{self._n_chunks:06d}.safetensors"
-        atomic_save_safetensors(path, {"indptr": indptr, "indices": indices, "values": values},
-                                metadata={"rows": json.dumps(list(rows))})
+        tensors = {"indptr": indptr, "indices": indices, "values": values}
+        if thumbs is not None:
+            if len(thumbs) != len(rows):
+                raise ValueError(f"{len(thumbs)} thumbnails for {len(rows)} renders")
+            tensors["thumbs"] = torch.frombuffer(bytearray(b"".join(thumbs)) or bytearray(1), dtype=torch.uint8)
+            tensors["thumb_offsets"] = torch.tensor([0, *np.cumsum([len(t) for t in thumbs]).tolist()], dtype=torch.int64)
+        atomic_save_safetensors(path, tensors, metadata={"rows": json.dumps(list(rows))})
         self._n_chunks += 1
-        self._append(list(rows), codes_NS)
+        self._append(list(rows), codes_NS, list(thumbs) if thumbs is not None else None)
 
     def dense(self) -> Tensor:
         """All codes, (len(self), d_sae) float32."""
@@ -135,6 +146,10 @@ class RenderPool:
         """Codes of some rows, (n, d_sae) float32."""
         return self.dense()[torch.as_tensor(row_idx, dtype=torch.long)]
 
+    def thumbnail(self, row: int) -> bytes | None:
+        """The encoded thumbnail stored with a render, or None."""
+        return self._thumbs.get(int(row))
+
     def rows_where(self, **match) -> list[int]:
         """Row numbers whose metadata equals every `match` item, ascending."""
         return [i for i, r in enumerate(self.rows) if all(r.get(k) == v for k, v in match.items())]
@@ -142,6 +157,12 @@ class RenderPool:
     def nbytes(self) -> int:
         """Bytes on disk."""
         return sum(p.stat().st_size for p in self._chunk_paths())
+
+
+def _split_bytes(data: Tensor, offsets: Tensor) -> list[bytes]:
+    raw = data.numpy().tobytes()
+    o = offsets.tolist()
+    return [raw[o[i]:o[i + 1]] for i in range(len(o) - 1)]
 
 
 def _csr_to_dense(indptr: Tensor, indices: Tensor, values: Tensor, d: int) -> Tensor:
@@ -166,17 +187,20 @@ def sae_fingerprint(sae) -> str:
 
 
 def fill_pool(pool: RenderPool, rows: Sequence[dict[str, Any]], load_image: Callable[[int], Any],
-              encode: Callable[[list], Tensor], chunk_size: int = 256, progress: bool = True, desc: str = "encoding") -> int:
-    """Encode every row not yet in the pool (`load_image(i)` gives row i's picture), `chunk_size` per atomic chunk.
-    Returns how many were encoded; a killed call resumes at the first missing chunk."""
+              encode: Callable[[list], Tensor], chunk_size: int = 256, progress: bool = True, desc: str = "encoding",
+              thumbnail: Callable[[Any], bytes] | None = None) -> int:
+    """Encode every row not yet in the pool (`load_image(i)` gives row i's picture), `chunk_size` per atomic chunk;
+    `thumbnail(image) -> bytes` stores a thumbnail with each. Returns how many were encoded; a killed call resumes at
+    the first missing chunk."""
     from tqdm.auto import tqdm
 
     todo = [i for i, r in enumerate(rows) if r["render_id"] not in pool]
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), chunk_size):
         part = todo[start:start + chunk_size]
-        codes = encode([load_image(i) for i in part])
-        pool.add([rows[i] for i in part], codes)
+        images = [load_image(i) for i in part]
+        codes = encode(images)
+        pool.add([rows[i] for i in part], codes, [thumbnail(im) for im in images] if thumbnail else None)
         bar.update(len(part))
     bar.close()
     return len(todo)

@@ -34,6 +34,8 @@ METHODS = ("pool_mils", "retrieval", "mils", "top_label", "random")
 DENSE_FREQUENCY = 0.5
 """A feature firing on more than this share of the bank's pictures is dense (as in the feature statistics)."""
 N_HINTS = 16
+THUMB_PX, THUMB_FORMAT = 112, "webp"
+"""Thumbnails stored with each pool render (the results dataset and the app show these)."""
 
 
 @dataclass
@@ -76,8 +78,10 @@ def bank_pool(bank: Bank, backbone, layer: str, tokens: str, sae, folder, aggreg
     pool = RenderPool.open(folder, meta)
     rows = [{"render_id": it.item_id, "item": it.item_id, "prompt": it.description, "seed": 0, "split": it.split}
             for it in bank.items]
+    from nacosae.results import thumbnail_bytes
+
     fill_pool(pool, rows, bank.load_image, encode_fn(backbone, layer, tokens, sae, aggregation), progress=progress,
-              desc="encoding the bank")
+              desc="encoding the bank", thumbnail=lambda im: thumbnail_bytes(im, THUMB_PX, THUMB_FORMAT))
     return pool
 
 
@@ -97,7 +101,7 @@ def name_every_feature(sae, backbone, layer: str, tokens: str, work_dir, bank: B
     pool = bank_pool(bank, backbone, layer, tokens, sae, work / "pool", aggregation, progress)
     t_pool = time.perf_counter() - t0
     embedder = embedder if embedder is not None else TextEmbedder()
-    renderer = BankRetrieval(bank, pool, embedder, cfg.n_controls, cfg.seed)
+    renderer = BankRetrieval(bank, pool, embedder, cfg.n_controls, cfg.seed, cache_path=work / "text_embeddings.safetensors")
     engine = NamingEngine(renderer, cfg)
     t_setup = time.perf_counter() - t0
 
@@ -240,12 +244,14 @@ def emoji_keyword_check(results: dict[str, MethodResult], live: Sequence[int], b
 # The results dataset
 
 
-def _bank_image_row(bank: Bank, item_id: str, split_of: dict[str, str], max_px: int, image_format: str) -> dict:
+def _bank_image_row(bank: Bank, pool: RenderPool, item_id: str, split_of: dict[str, str], max_px: int,
+                    image_format: str) -> dict:
     from nacosae.results import thumbnail_bytes
 
     i = bank.index_of(item_id)
     it = bank.items[i]
-    return {"image_id": item_id, "image": {"bytes": thumbnail_bytes(bank.load_image(i), max_px, image_format), "path": None},
+    thumb = pool.thumbnail(pool.row_of(item_id)) or thumbnail_bytes(bank.load_image(i), max_px, image_format)
+    return {"image_id": item_id, "image": {"bytes": thumb, "path": None},
             "kind": "emoji" if it.source == "emoji" else "bank", "label": it.label, "description": it.description,
             "source": it.source, "split": split_of.get(item_id, it.split), "family": it.family}
 
@@ -296,7 +302,7 @@ def results_tables(out: NamingOutput, sae_id: str, sae_config: dict[str, Any], m
     if base is None:
         used.update(dict.fromkeys(i for r in rows for i in r["top_image_ids"]))
     split_of = {}
-    images = [_bank_image_row(out.bank, i, split_of, max_px, image_format) for i in used]
+    images = [_bank_image_row(out.bank, out.pool, i, split_of, max_px, image_format) for i in used]
     evaluation = {k: v for k, v in out.summary.items() if k != "table"} | {"table": out.summary["table"]}
     extra = {"features": rows_to_table("features", rows), "images": rows_to_table("images", images),
              "runs": rows_to_table("runs", [runs_row(sae_id, sae_config, metrics, evaluation)])}
