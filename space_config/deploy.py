@@ -52,7 +52,7 @@ def assemble(out: Path, sae_repo: str, results_repo: str) -> Path:
 
 def check(out: Path) -> None:
     """What the Space needs to start: front matter, files, and a demo the serving code opens."""
-    from nacosae.publish import split_front_matter
+    from nacosae.results import split_front_matter
     from nacosae.serve import Source, open_explorer
 
     meta, _ = split_front_matter((out / "README.md").read_text(encoding="utf-8"))

@@ -15,11 +15,11 @@ from nacosae import serve
 from nacosae.backbones import load_backbone
 from nacosae.features import FeatureStatsConfig, compute_feature_stats
 from nacosae.images import SkimageSource
-from nacosae.publish import load_sae_entry, publish_results, publish_saes, tables_from_stats
+from nacosae.publish import load_sae_entry, publish_results, publish_saes
+from nacosae.results import tables_from_stats
 from nacosae.sae import SAE, SAEConfig
 from nacosae.serve import ServeError, Source
 
-OPENCLIPART = Path("/usr/share/openclipart/png")
 
 
 def build_source(root: Path, bb, layer: str, tokens: str, images, records, d_sae: int, k: int, grid, seed: int = 0,
@@ -96,7 +96,7 @@ def test_browse_search_sort_filter(eff):
         ex.browse("other/sae")
 
 
-def test_feature_page_matches_the_stats(eff):
+def test_feature_page_matches_the_stats(eff, photos):
     ex, sid, _, stats = eff
     j = int(ex.browse(sid, sort="frequency")["feature"].iloc[-1])
     page = ex.feature_page(sid, j)
@@ -105,6 +105,10 @@ def test_feature_page_matches_the_stats(eff):
     assert len(page.gallery) == len(top)
     assert [it.score for it in page.gallery] == pytest.approx([v for _, v in top], abs=1e-3)
     assert all(it.image.size[0] == it.image.size[1] for it in page.gallery)  # EfficientNet pads: its box is a square
+    for iid, (i, _) in zip(ex.row(sid, j)["top_image_ids"], top):  # stored as the images are (≤ 64 px), never padded
+        w, h = photos[0][i].size
+        f = min(1, 64 / max(w, h))
+        assert abs(ex.image(iid).size[0] - w * f) <= 1 and abs(ex.image(iid).size[1] - h * f) <= 1
     assert page.stats["image_frequency"] == pytest.approx(float(stats.image_frequency_S[j]))
     assert page.histogram["images"].sum() == int(stats.image_fire_count_S[j])
     assert page.names["method"].tolist() == ["top_label"] and page.mils_history.empty
@@ -184,7 +188,7 @@ def test_zero_shot_steering_on_a_tiny_clip(tmp_path, photos):
     bb = load_backbone(f"open_clip:local-dir:{folder}")
     images, records = photos
     # the app rebuilds the backbone from the provenance: random init must come out the same, so share the instance
-    serve._BACKBONES[json.dumps([bb.name, bb.weights, "cpu"])] = bb
+    serve._BACKBONES.put(json.dumps([bb.name, bb.weights, "cpu"]), bb)
     source, sae, _ = build_source(tmp_path, bb, "resblocks.1", "patches", images, records, d_sae=32, k=4, grid=(4, 4))
     ex = serve.open_explorer(source)
     sid = ex.sae_ids[0]
@@ -215,7 +219,7 @@ def test_zero_shot_steering_on_a_tiny_clip(tmp_path, photos):
         assert dimmed[:, :32].all() and dimmed[:, 64:].all() and not dimmed[:, 32:64].all()
     # the feature page places a top image's stored heatmap the same way (a thumbnail stored as the image itself)
     iid = ex.images.column("image_id")[0].as_py()
-    ex._image_cache[iid] = Image.new("RGB", (96, 32), (255, 255, 255))
+    ex._image_cache.put(iid, Image.new("RGB", (96, 32), (255, 255, 255)))
     page_image = np.asarray(ex._overlay(sid, iid, [1.0] * 16, (4, 4), 1.0)).astype(int)
     dimmed = (np.abs(page_image - 172) <= 2).all(-1)
     assert page_image.shape == (32, 96, 3) and dimmed[:, :32].all() and dimmed[:, 64:].all() and not dimmed[:, 32:64].any()
@@ -291,46 +295,180 @@ def test_bad_uploads(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ live naming
+CONCEPTS = ["dog", "car", "tree", "house", "apple", "guitar", "boat", "clock"]
+STYLES = ["red", "blue", "small", "big", "green", "old", "striped", "shiny", "dark", "bright", "wooden", "cartoon"]
+
+
+class WordEmbedder:
+    """A deterministic bag-of-words text embedder (BankRetrieval needs `encode` and `id`; MiniLM runs in the demo test)."""
+
+    id = "bow"
+
+    def __init__(self):
+        self.vocab = {w: i for i, w in enumerate(CONCEPTS + STYLES)}
+
+    def encode(self, texts):
+        out = torch.zeros(len(texts), len(self.vocab) + 1)
+        for i, t in enumerate(texts):
+            for w in t.split():
+                out[i, self.vocab.get(w, len(self.vocab))] += 1
+        return torch.nn.functional.normalize(out + 1e-6, dim=1)
+
+
+def planted_bank(folder: Path):
+    """8 concepts × 12 styles × 3 splits (tests/test_naming_pool.py): the style is the family; each picture a small
+    PNG file of its concept's colour."""
+    from nacosae.naming.bank import SPLITS, Bank, BankItem
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, c in enumerate(CONCEPTS):
+        Image.new("RGB", (16, 12), (30 * i, 255 - 30 * i, 128)).save(folder / f"{c}.png")
+    return Bank([BankItem(f"x/{split}/{c}/{s}", "openclipart", f"{s} {c}", (s, c), c, f"{split}:{s}", split,
+                          str(folder / f"{c}.png")) for split in SPLITS for c in CONCEPTS for s in STYLES])
+
+
 @pytest.fixture
-def small_bank(tmp_path):
-    if not OPENCLIPART.is_dir():
-        pytest.skip("Debian openclipart-png not installed")
-    from nacosae.naming import DescribedImageBank, RetrievalGenerator
+def planted(eff, tmp_path, monkeypatch):
+    """The eff source with a planted render pool shipped next to its SAE repo (`<root>/naming/<sae_id>/pool`): live
+    feature f_c fires on bank concept c, noisily; every other feature at random."""
+    from nacosae.naming.engine import EngineConfig
+    from nacosae.naming.pool import RenderPool
 
-    paths = []
-    for cat in ("animals", "food", "transportation", "signs_and_symbols", "people", "computer"):
-        files = sorted(f for f in (OPENCLIPART / cat).rglob("*.png") if f.stat().st_size < 60_000)
-        paths += files[:: max(1, len(files) // 12)][:12]
-    serve.use_naming_generator(RetrievalGenerator(DescribedImageBank.from_openclipart(paths=paths, cache_dir=tmp_path)))
-    yield
-    serve._NAMING.pop("generator", None)  # other tests get the default bank again
-
-
-def test_live_naming_streams_one_step_per_call(eff, small_bank):
     ex, sid, _, stats = eff
-    cfg = serve.naming_config(iterations=2, candidates=4, best=4, images=2)
-    j = int(ex.browse(sid, sort="frequency")["feature"].iloc[-1])
-    state = ex.start_naming(sid, j)
-    assert state.feature == j and len(state.seeds) >= 4 and not state.done
+    monkeypatch.setenv("NACOSAE_CACHE", str(tmp_path / "cache"))
+    bank = planted_bank(tmp_path / "pictures")
+    cfg = EngineConfig(n_images=5, n_eval_images=5, n_controls=20, n_best=4, n_select=4, min_gain=-1.0)  # every round runs
+    serve.use_naming_bank(bank, WordEmbedder(), cfg)
+    live = [j for j in range(48) if not stats.dead_S[j]][: len(CONCEPTS)]
+    g = torch.Generator().manual_seed(0)
+    codes = torch.rand(len(bank), 48, generator=g) * (torch.rand(len(bank), 48, generator=g) > 0.7)
+    for i, it in enumerate(bank.items):
+        codes[i, live] = 0.0
+        codes[i, live[CONCEPTS.index(it.description.split()[1])]] = 1.0 + torch.rand(1, generator=g).item()
+    folder = Path(ex.source.sae_repo).parent / "naming" / sid / "pool"
+    shutil.rmtree(folder, ignore_errors=True)
+    pool = RenderPool.open(folder, ex.pool_meta(sid))
+    pool.add(ex._pool_rows(bank), codes)
+    yield ex, sid, live, bank, cfg
+    serve.use_naming_bank()  # other tests get the default bank again
+    shutil.rmtree(folder.parent.parent.parent, ignore_errors=True)
+
+
+def test_live_naming_runs_the_offline_engine_in_rounds(planted):
+    """A live request runs NamingEngine.mils for [j] on the shipped pool with the offline seeds and hints, one round
+    per call, its state a small JSON dict; chunked, it names and scores exactly as one uninterrupted engine call."""
+    from nacosae.naming import VocabularyProposer, load_vocabulary
+    from nacosae.naming.run import feature_hints
+
+    ex, sid, live, bank, cfg = planted
+    status = ex.pool_status(sid)
+    assert status.shipped and status.complete and status.n_total == len(bank)
+    j = live[CONCEPTS.index("dog")]
+    state = ex.start_live_naming(sid, j, "vocabulary", rounds=2, proposals=3)
     views = []
-    while not state.done:
-        state = ex.naming_step(sid, state, cfg, budget_s=0)
-        views.append(ex.naming_view(state, cfg))
-    assert len(views) == cfg.n_iterations + 2  # seed, 2 proposal rounds, summarise: one step per call
+    while not state["done"]:
+        state = ex.live_naming_step(state, budget_s=0)
+        json.dumps(state)  # JSON-able: what the visitor's gr.State holds
+        views.append(ex.live_naming_view(state))
+        assert len(views) <= 3
+    assert [(v.rounds_done, v.step) for v in views] == [(1, "round"), (2, "done")]
     last = views[-1]
-    assert last.done and last.name and last.step == "done" and state.name == last.name
-    assert [v.steps_done for v in views] == list(range(1, cfg.n_iterations + 3)) and last.steps_total == cfg.n_iterations + 2
-    assert len(last.history) == len(state.candidates) and last.history["score"].is_monotonic_decreasing
-    assert 0 < len(last.gallery) <= 8 and len(last.curve) >= 3
+    assert "dog" in last.name.split() and last.cosy_auc > 0.8 and last.published and last.threshold == cfg.threshold
+    assert last.best[0][0] == pytest.approx(float(last.curve["best score"].max())) and 0 < len(last.gallery) <= 8
+    assert last.hints == feature_hints(bank, ex.naming_engine(sid)[1], j)[:8] and "dog" in last.hints[0]
+    assert set(state) == {"version", "sae_id", "feature", "proposer", "n_rounds", "n_proposals", "rounds", "done",
+                          "result", "elapsed_s"} and len(json.dumps(state)) < 2000
+    # the same engine in one call: same name, same held-out AUC
+    bank_, pool, engine = ex.naming_engine(sid)
+    import copy
+    import dataclasses
+
+    once = copy.copy(engine)
+    once.cfg = dataclasses.replace(engine.cfg, n_rounds=2, n_proposals=3)
+    res = once.mils([j], bank.prompts("search"), VocabularyProposer(load_vocabulary()), None, shared=True,
+                    hints={j: feature_hints(bank, pool, j)}, progress=False)
+    assert res.names[j] == state["result"]["name"] and res.auc[j] == pytest.approx(state["result"]["cosy_auc"])
+    # a budget: several rounds in one call, and a finished state stays finished
+    again = ex.live_naming_step(ex.start_live_naming(sid, j, "vocabulary", 2, 3), budget_s=600)
+    assert again["done"] and again["result"] == state["result"]
+    assert ex.live_naming_step(again) == again
+
+
+def test_live_naming_refuses_bad_requests(planted, eff):
+    ex, sid, live, bank, _ = planted
+    stats = eff[3]
     dead = [d for d in range(48) if stats.dead_S[d]]
     if dead:
         with pytest.raises(ServeError, match="never fired"):
-            ex.start_naming(sid, dead[0])
-    with pytest.raises(ServeError, match="bad naming settings"):
-        serve.naming_config(iterations=0)
+            ex.start_live_naming(sid, dead[0])
+    with pytest.raises(ServeError, match="has no feature"):
+        ex.start_live_naming(sid, 10**6)
+    with pytest.raises(ServeError, match="unknown proposer"):
+        ex.start_live_naming(sid, live[0], "gpt-9")
+    with pytest.raises(ServeError, match="rounds must be in 1..10"):
+        ex.start_live_naming(sid, live[0], "vocabulary", rounds=0)
+    with pytest.raises(ServeError, match="new prompts per round must be in"):
+        ex.start_live_naming(sid, live[0], "vocabulary", 2, 500)
+    with pytest.raises(ServeError, match="not valid"):
+        ex.live_naming_step({"rounds": "x"})
+    silent = [j for j in range(48) if not stats.dead_S[j] and j not in live]
+    pool = ex.naming_engine(sid)[1]
+    never = [j for j in silent if not float(pool.dense()[:, j].max()) > 0]
+    if never:
+        with pytest.raises(ServeError, match="fires on none of the"):
+            ex.live_naming_step(ex.start_live_naming(sid, never[0]))
 
 
-def test_app_handlers_turn_errors_into_messages(small_bank, monkeypatch, tmp_path):
+def test_pool_is_built_in_chunks_where_none_was_shipped(eff, effnet, tmp_path, monkeypatch):
+    """No shipped pool: the bank is encoded into the cache folder in atomic chunks (a call stops after its budget,
+    the next goes on); codes equal the offline encoder's, and `nacosae name`'s bank_pool accepts the folder as its own."""
+    from nacosae.naming.bank import SKIMAGE_CAPTIONS, Bank, BankItem
+    from nacosae.naming.run import bank_pool, encode_fn
+
+    ex, sid, sae, _ = eff
+    monkeypatch.setenv("NACOSAE_CACHE", str(tmp_path / "cache"))
+    names = sorted(SKIMAGE_CAPTIONS)[:9]
+    bank = Bank([BankItem(f"skimage/{n}", "skimage", SKIMAGE_CAPTIONS[n][0], SKIMAGE_CAPTIONS[n][1], "photo", n,
+                          ("search", "select", "eval")[i % 3], n) for i, n in enumerate(names)])
+    serve.use_naming_bank(bank, WordEmbedder())
+    try:
+        assert ex.pool_status(sid).n_done == 0 and not ex.pool_status(sid).shipped
+        st = ex.build_pool(sid, budget_s=0, chunk=4)
+        assert (st.n_done, st.n_total, st.complete) == (4, 9, False)
+        st = ex.build_pool(sid, budget_s=600, chunk=4)
+        assert st.complete and ex.pool_status(sid).complete
+        pool, shipped, _ = ex._pool(sid)
+        assert not shipped and str(tmp_path / "cache") in str(pool.folder)
+        want = encode_fn(effnet, "blocks.14", "spatial", sae, "max")([bank.load_image(i) for i in range(len(bank))])
+        got = pool.codes([pool.row_of(it.item_id) for it in bank.items])
+        assert torch.allclose(got, want, atol=1e-5)
+        again = bank_pool(bank, effnet, "blocks.14", "spatial", sae, pool.folder, progress=False)  # no mismatch, no work
+        assert len(again) == len(bank)
+    finally:
+        serve.use_naming_bank()
+
+
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+
+
+def test_live_naming_through_the_real_demo():
+    """The bundled demo with its shipped pool: the offline bank, MiniLM retrieval and the WordNet proposer, one round."""
+    sae_ids = [p.parent.relative_to(DEMO / "naming").as_posix() for p in (DEMO / "naming").glob("**/pool/meta.json")]
+    if not sae_ids:
+        pytest.skip("the demo ships no render pool yet (demo/naming/<sae_id>/pool)")
+    ex = serve.open_explorer(Source(str(DEMO / "sae"), str(DEMO / "results")))
+    sid = sae_ids[0][: -len("/pool")] if sae_ids[0].endswith("/pool") else sae_ids[0]
+    status = ex.pool_status(sid)
+    assert status.shipped and status.complete, status
+    j = int(ex.browse(sid, sort="frequency")["feature"].iloc[len(ex.browse(sid)) // 2])
+    state = ex.start_live_naming(sid, j, "vocabulary", rounds=1, proposals=4)
+    while not state["done"]:
+        state = ex.live_naming_step(state, budget_s=0)
+    view = ex.live_naming_view(state)
+    assert view.name and view.cosy_auc is not None and 0 <= view.cosy_auc <= 1 and view.gallery
+
+
+def test_app_handlers_turn_errors_into_messages(monkeypatch, tmp_path):
     """app.py's handlers as plain functions: bad input becomes gr.Error, a naming run past its time limit stops with
     the best so far, and the app keeps its source."""
     import gradio as gr
@@ -364,10 +502,10 @@ def test_app_handlers_turn_errors_into_messages(small_bank, monkeypatch, tmp_pat
     bad.write_bytes(b"\x89PNG but not really")
     with pytest.raises(gr.Error, match="this image cannot be used"):
         app.what_fires(key, sid, {"path": str(bad)}, 4)
-    outs = list(app.live_naming(key, sid, feature, "vocabulary", 3, 4, 0))  # a 0 s limit: stops before any step
-    assert "time limit" in outs[-1][0] and outs[-1][1] == "(not finished)"
     with pytest.raises(gr.Error, match="never fired|has no feature"):
-        list(app.live_naming(key, sid, 10**6, "vocabulary", 1, 2, 60))
+        list(app.live_naming(key, sid, 10**6, "vocabulary", 1, 2, 60, None))
+    with pytest.raises(gr.Error, match="unknown proposer"):
+        list(app.live_naming(key, sid, feature, "gpt-9", 1, 2, 60, None))
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
