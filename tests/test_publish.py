@@ -346,9 +346,51 @@ def test_space_deploy_assembles_the_space_repo(tmp_path):
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__ and meta["app_file"] == "app.py"
     assert meta["models"] == ["me/saes"] and meta["datasets"] == ["me/results"] and meta["python_version"]
     assert json.loads((out / "space_config" / "defaults.json").read_text())["sae_repo"] == "me/saes"
-    assert (out / "packages.txt").read_text().split() == ["openclipart-png"]
+    assert set((out / "packages.txt").read_text().split()) == {"openclipart-png", "fonts-noto-color-emoji", "unicode-cldr-core",
+                                                                "wordnet-base", "dataset-fashion-mnist"}
     assert (out / "nacosae" / "serve.py").is_file() and not list(out.rglob("__pycache__"))
     assert validate_results_folder(out / "demo" / "results")["sae_ids"] == validate_sae_repo(out / "demo" / "sae")
+
+
+# Licence ids the Hub accepts (https://huggingface.co/docs/hub/repositories-licenses; a subset) and the relations its
+# model tree knows for `base_model` (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
+HUB_LICENSES = {"apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-4.0", "cc0-1.0", "bsd-3-clause", "openrail", "cc-by-nc-4.0"}
+BASE_MODEL_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
+
+
+def test_cards_pass_the_hubs_metadata_rules(run, tables, tmp_path):
+    """Both cards parsed by huggingface_hub's own card and metadata classes (the parsing the Hub's widgets rely on;
+    `RepoCard.validate` needs the network): real licence ids, a pipeline tag that fits, `base_model` as an adapter,
+    a model-index that parses into EvalResults, and `configs` with a default."""
+    from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+    root, *_ = run
+    entry = load_sae_entry(root / "sae" / "blocks.14" / "sae")
+    out = publish_saes([entry], "me/saes", local_dir=tmp_path / "repo", results_repo="me/results")
+    card = ModelCard.load(out / "README.md", ignore_metadata_errors=False)
+    d = card.data
+    assert d.license in HUB_LICENSES and d.pipeline_tag == "image-feature-extraction" and d.library_name == "nacosae"
+    assert d.base_model == "timm/tf_efficientnet_lite0.in1k" and d.to_dict()["base_model_relation"] in BASE_MODEL_RELATIONS
+    assert {e.metric_type for e in d.eval_results} == {"fvu", "explained_variance", "l0", "dead_fraction"}
+    assert all(e.task_type == "feature-extraction" for e in d.eval_results)
+    again = ModelCardData(**{k: v for k, v in d.to_dict().items() if k != "model-index"}, eval_results=d.eval_results,
+                          model_name=d.model_name)
+    assert again.to_dict() == d.to_dict()  # what the metadata class writes is what we wrote
+    # an owner's own licence survives a re-publish; a new card gets ours
+    meta, body = split_front_matter(card.content)
+    import yaml
+
+    (out / "README.md").write_text(f"---\n{yaml.safe_dump({**meta, 'license': 'mit'}, sort_keys=False)}---\n{body}")
+    publish_saes([entry], "me/saes", local_dir=out, results_repo="me/results")
+    assert ModelCard.load(out / "README.md").data.license == "mit"
+
+    ds = publish_results(tables, "me/results", local_dir=tmp_path / "ds", sae_repo="me/saes")
+    dcard = DatasetCard.load(ds / "README.md", ignore_metadata_errors=False)
+    assert dcard.data.license in HUB_LICENSES and "license_name" not in dcard.data.to_dict()
+    configs = dcard.data.to_dict()["configs"]
+    assert [c["config_name"] for c in configs if c.get("default")] == ["features"]
+    assert DatasetCardData(**dcard.data.to_dict()).to_dict() == dcard.data.to_dict()
+    assert "keep their own licences" in dcard.content
 
 
 def test_the_protocol_section_reaches_the_published_card(run, tables, tmp_path):
