@@ -78,6 +78,7 @@ STAGES: dict[str, tuple[str | dict[str, str], str]] = {
     "stats": ("hub_scripts/feature_stats.py:main", "per-feature statistics and top images of an SAE (resumable)"),
     "name": ("hub_scripts/name_features.py:main", "name features (MILS loop and baselines; resumable work folder)"),
     "evaluate": ("hub_scripts/evaluate_names.py:main", "score names on held-out renders (CoSy AUC/MAD, MS; resumable)"),
+    "build": ("hub_scripts/build_results.py:main", "merge a naming run into the results dataset, tables and figures"),
     "publish": ({"sae": "hub_scripts/publish_sae.py:main", "results": "hub_scripts/publish_results.py:main"},
                 "stage and upload SAEs ('publish sae') or the results dataset ('publish results') to the Hub"),
     "app": ("app.py", "the Gradio feature explorer (browse, what fires, name live, steer)"),
@@ -88,11 +89,11 @@ STAGES: dict[str, tuple[str | dict[str, str], str]] = {
 }
 
 _EPILOG = """\
-Someone else's SAE, named in three commands:
+Someone else's SAE (saev, SAELens, sparsify, dictionary_learning, Overcomplete), named and scored:
   nacosae import their_sae/ --backbone efficientnet-lite0 --layer blocks.14 --tokens spatial --out runs/theirs/sae
-  nacosae stats --sae runs/theirs/sae --backbone efficientnet-lite0 --layer blocks.14 --tokens spatial \\
-      --image-folder probe/ --out runs/theirs/stats
-  nacosae name --sae runs/theirs/sae --stats runs/theirs/stats ...      (see `nacosae name --help`)
+  nacosae stats --sae runs/theirs/sae --store runs/acts --out runs/theirs/stats
+  nacosae name --sae runs/theirs/sae --stats runs/theirs/stats --store runs/acts --work runs/theirs/naming
+then `nacosae evaluate`, `build`, `publish` and `app`, as for nacosae's own SAEs (runs/acts: `nacosae extract`).
 
 `nacosae STAGE --help` lists every option of a stage."""
 

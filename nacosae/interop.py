@@ -15,8 +15,9 @@ tests/fixtures/peers/, max abs difference ≤ 1e-5 in float32). nacosae's SAE is
 
 and each peer maps onto it exactly, in arithmetic:
 - a peer that does not subtract b_dec before encoding, σ(W x + b), becomes b_enc = b + W b_dec (computed in float64);
-- a peer without a decoder bias gets b_dec = 0; s = 1 everywhere (the peers fold their input scaling into the
-  weights when they save);
+- a peer without a decoder bias gets b_dec = 0; s = 1 everywhere: SAELens and dictionary_learning fold their input
+  scaling into the weights when they save; saev keeps its dataset scaling (`scale_norm`) in its data config, not in
+  the checkpoint, so a saev SAE (there and here alike) reads activations scaled the way its training data was;
 - SAELens's `rescale_acts_by_decoder_norm` is folded as SAELens folds it (W_enc·‖W_dec‖, b_enc·‖W_dec‖, W_dec/‖W_dec‖);
 - σ: relu; topk (the k largest pre-activations, then ReLU); batchtopk (f = pre where pre > θ, θ ≥ 0 one scalar);
   jumprelu (f = relu(pre) where pre > θ_s, one threshold per latent); topk_signed (saev's TopK, no ReLU).
