@@ -6,6 +6,10 @@ read saves per extra SAE. Best of --repeats, interleaved; every run in a fresh f
     python benchmarks/bench_train_multi.py                         # synthetic store: planted dictionary, d=192
     python benchmarks/bench_train_multi.py --store runs/offline_default/acts/blocks.14 --k 16,24,32,48
     python benchmarks/bench_train_multi.py --expansion 2 --k 8,16,24,32   # small SAEs: the read matters most
+    python benchmarks/bench_train_multi.py --processes 1,2 --k 32           # + one SAE data-parallel on 1 vs 2 processes
+
+With --processes: one SAE (the first k) trained by `hub_scripts/train_sae.py` under `torchrun --nproc_per_node P`
+(gloo on CPU, each process reading its own share of the store, --threads torch threads each), wall time per P.
 
 The synthetic store has the shape of the offline default's blocks.14 store (d=192, T=49, float16): rows are sparse
 sums of planted directions (`nacosae.synthetic.PlantedDictionary`), so the SAEs have something to learn.
@@ -30,7 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="learning-rate warm-up (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="best of this many (default: %(default)s)")
+    p.add_argument("--processes", help="also: one SAE data-parallel on each of these process counts, e.g. 1,2")
     return p.parse_args(argv)
 
 
@@ -81,6 +87,36 @@ class ReadCounter:
         cls._read_chunk, cls._load_shard = read_chunk, load_shard
 
 
+def data_parallel(args, store_path: Path, tmp: Path, k: int) -> list[tuple[str, str]]:
+    """Wall time of one SAE trained under torchrun with each process count (best of --repeats, interleaved)."""
+    import json
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "hub_scripts" / "train_sae.py"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    counts = [int(p) for p in args.processes.split(",")]
+    times = {p: [] for p in counts}
+    fvu = {}
+    for r in range(args.repeats):
+        for p in counts:
+            out = tmp / f"ddp{p}-{r}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p), str(script),
+                   "--store", str(store_path), "--out-dir", str(out), "--expansion", str(args.expansion), "--k", str(k),
+                   "--batch-size", str(args.batch_size), "--n-epochs", str(args.epochs), "--warmup-steps",
+                   str(args.warmup_steps), "--checkpoint-every", str(10**9)]
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise RuntimeError(f"torchrun with {p} process(es) failed:\n{res.stderr[-2000:]}")
+            times[p].append(time.perf_counter() - t0)
+            fvu[p] = json.loads((out / "metrics.json").read_text())["val_fvu"]
+    base = min(times[counts[0]])
+    return [(f"**data parallel, one SAE (k={k}): wall with {p} process(es), {args.threads} thread(s) each**",
+             f"**{min(times[p]):.1f} s ({base / min(times[p]):.2f}× the {counts[0]}-process run)**, val FVU {fvu[p]:.4f}")
+            for p in counts]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -98,7 +134,8 @@ def main(argv=None) -> int:
 
         def cfgs(root: Path) -> list[TrainConfig]:
             return [TrainConfig(store=str(store_path), out_dir=str(root / f"k{k}"), expansion=args.expansion, k=k,
-                                batch_size=args.batch_size, n_epochs=args.epochs, checkpoint_every=10**9, log_every=10)
+                                batch_size=args.batch_size, n_epochs=args.epochs, checkpoint_every=10**9, log_every=10,
+                                warmup_steps=args.warmup_steps)
                     for k in ks]
 
         def timed(fn):
@@ -121,6 +158,7 @@ def main(argv=None) -> int:
             together.append(timed(lambda: train_many(cfgs(tmp / f"together{r}"), progress=False)))
         m_sep = [train(c, progress=False)[1] for c in cfgs(tmp / "separate0")]  # finished: loaded, not retrained
         m_tog = [train(c, progress=False)[1] for c in cfgs(tmp / "together0")]
+        ddp = data_parallel(args, store_path, tmp, ks[0]) if args.processes else []
 
     n = len(ks)
     best = lambda runs, i: min(x[i] for x in runs)  # noqa: E731
@@ -141,6 +179,7 @@ def main(argv=None) -> int:
         ("val FVU per SAE, separate | together (equal: same batches, same steps)",
          " ; ".join(f"k={k}: {a['val_fvu']:.4f} | {b['val_fvu']:.4f}" for k, a, b in zip(ks, m_sep, m_tog, strict=True))),
     ]
+    rows += ddp
     print("| measure | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")

@@ -332,13 +332,15 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
     learning rates, epochs (each SAE stops at its own n_steps) and devices may differ. Re-running the same list resumes
     every SAE from its own checkpoint; finished SAEs are loaded, not retrained.
 
-    Under torchrun (an initialised `torch.distributed` group of W > 1 processes): data parallel. Each process reads
-    its own share of every store's training images (every W-th one) in batches of batch_size / W rows, and every SAE
+    Under torchrun (an initialised `torch.distributed` group of W > 1 processes): data parallel. Process r reads its
+    own share of every store's training images, the contiguous image range rank r of a W-process extraction wrote
+    (`nacosae.extract.rank_slice`: its training stream touches only those shards), in batches of batch_size / W rows; every SAE
     takes the steps of the global batch on every process (`SAETrainer`, distributed); rank 0 writes checkpoints,
     history, validation metrics and the SAE. A resume may use another number of processes.
     """
     import torch.distributed as dist
 
+    from nacosae.extract import rank_slice
     from nacosae.store import ActivationStore
 
     if not cfgs:
@@ -368,10 +370,15 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
         store, c0 = ActivationStore(path), cfgs[idx[0]]
         train_rows, val_rows = store.split(c0.val_fraction, seed=c0.seed)
         n_train_rows = store.n_rows_in(train_rows)
+        rank_rows = None
+        if world > 1:
+            lo, hi = rank_slice(store.meta["n_images_total"], rank, world)
+            rank_rows = train_rows[(train_rows >= lo) & (train_rows < hi)]
+            if not len(rank_rows):
+                raise ValueError(f"rank {rank} of {world} has no training image of {path}: use fewer processes")
         init_sample = None  # one seeded sample initialises every SAE of this store, read once
         for i in idx:
-            run = runs[i] = _Run(cfgs[i], store, train_rows, n_train_rows, lead=rank == 0,
-                                 stream_rows=train_rows[rank::world] if world > 1 else None)
+            run = runs[i] = _Run(cfgs[i], store, train_rows, n_train_rows, lead=rank == 0, stream_rows=rank_rows)
             run.out.mkdir(parents=True, exist_ok=True)
             _check_run_config(run.out, run.cfg)
             if run.finished:  # finished before: nothing to redo
