@@ -125,6 +125,21 @@ def test_chat_proposer_survives_gibberish(tiny_lm_dir):
     assert isinstance(name, str) and 0 < len(name.split()) <= 4
 
 
+def test_chat_proposer_batches_features_and_survives_gibberish(tiny_lm_dir):
+    """propose_many (several features in one generation; tests/test_naming_generated.py checks the parse of a real
+    batched answer): on gibberish every feature still gets clean, new, bounded prompts, features without a block are
+    asked alone, and a repeat gives the same answer (seeded)."""
+    p = TransformersChatProposer(tiny_lm_dir, temperature=1.0, top_p=1.0, max_new_tokens=40)
+    tried = frozenset(normalise(x) for _, x in BEST)
+    requests = [(BEST, 4, ProposalContext(feature=j, iteration=1, tried=tried)) for j in (3, 9, 4)]
+    out = p.propose_many(requests)
+    assert len(out) == 3
+    for props in out:
+        _check_proposals(props, 4, tried)
+    assert p.n_calls == 1 + p.n_fallbacks and p.n_fallbacks <= 3
+    assert p.propose_many(requests) == out
+
+
 def test_chat_prompt_shows_scored_lines(tiny_lm_dir):
     p = TransformersChatProposer(tiny_lm_dir)
     from nacosae.naming.proposers import _CHAT_INSTRUCTIONS, format_best

@@ -2,6 +2,7 @@
 
     generator.id -> str                                   # what made the images (model, steps, size): part of cache keys
     generator.render(prompt, seeds) -> list[Render]       # one image per seed, deterministic per (prompt, seed)
+    generator.render_many(prompts, seeds) -> list[Render] # optional: one image per (prompt, seed) pair, batched across prompts
 
 - `DiffusersGenerator`: a diffusers text-to-image pipeline (SD-Turbo, SDXL, FLUX.1-schnell on a GPU), one
   `torch.Generator` per image so an image depends only on its seed, never on the batch it was made in.
@@ -138,25 +139,34 @@ class DiffusersGenerator:
         self.cache = RenderCache(cache_dir) if cache_dir is not None else None
 
     def render(self, prompt: str, seeds: Sequence[int]) -> list[Render]:
-        out: dict[int, Render] = {}
+        return self.render_many([prompt] * len(seeds), seeds)
+
+    def render_many(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Render]:
+        """One image per pair (prompts[i], seeds[i]), `batch_size` pairs per pipeline call whatever their prompts (the
+        all-feature loop batches across prompts). Cached pairs are read back; a repeated pair is rendered once.
+        Raises ValueError when the two lists differ in length."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"render_many needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+        pairs = [(str(p), int(s)) for p, s in zip(prompts, seeds)]
+        out: dict[tuple[str, int], Render] = {}
         if self.cache is not None:
-            for s in seeds:
-                hit = self.cache.get(self.id, prompt, s)
+            for p, s in dict.fromkeys(pairs):
+                hit = self.cache.get(self.id, p, s)
                 if hit is not None:
-                    out[s] = hit
-        todo = [s for s in dict.fromkeys(seeds) if s not in out]
+                    out[(p, s)] = hit
+        todo = [pair for pair in dict.fromkeys(pairs) if pair not in out]
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i: i + self.batch_size]
             # one generator per image: image s depends on seed s only (diffusers draws each latent from its own one)
-            gens = [torch.Generator(self.device).manual_seed(int(s)) for s in chunk]
-            images = self.pipe(prompt=[prompt] * len(chunk), generator=gens, num_inference_steps=self.steps,
+            gens = [torch.Generator(self.device).manual_seed(s) for _, s in chunk]
+            images = self.pipe(prompt=[p for p, _ in chunk], generator=gens, num_inference_steps=self.steps,
                                guidance_scale=self.guidance, height=self.size, width=self.size).images
-            for s, im in zip(chunk, images):
+            for (p, s), im in zip(chunk, images):
                 if self.cache is not None:
-                    out[s] = self.cache.put(self.id, prompt, s, im)
+                    out[(p, s)] = self.cache.put(self.id, p, s, im)
                 else:
-                    out[s] = Render(open_image(im), f"{self.id}|{prompt}|{s}")
-        return [out[s] for s in seeds]
+                    out[(p, s)] = Render(open_image(im), f"{self.id}|{p}|{s}")
+        return [out[pair] for pair in pairs]
 
 
 # ----------------------------------------------------------------------------------------------------------------

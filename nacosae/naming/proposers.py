@@ -5,7 +5,8 @@
     proposer.summarise(best) -> str                     # a concept name of at most ~4 words
 
 - `TransformersChatProposer`: any instruction-tuned Hub model with a chat template (Qwen2.5, Llama-3.1-8B-Instruct as
-  in MILS, temperature 0.5, top-p 0.9); the GPU path.
+  in MILS, temperature 0.5, top-p 0.9); the GPU path. `propose_many(requests)` answers several features in one
+  generation (the all-feature engine's batched proposals).
 - `FewShotLMProposer` / `GGUFProposer`: a *base* causal LM prompted with a scored-list document and a worked example
   (few-shot), e.g. the offline Gemma-3-270M from PyPI.
 - `VocabularyProposer`: no model; moves along WordNet (hypernyms, hyponyms, siblings) and adds visual attributes.
@@ -309,6 +310,8 @@ class _CausalLMProposer:
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.model_id = model_id
         self.n_generated_tokens, self.generate_seconds = 0, 0.0
+        self.n_calls = 0
+        """Generations run (one per `propose`, one per batched `propose_many` call plus its fallbacks)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -329,6 +332,7 @@ class _CausalLMProposer:
             torch.manual_seed(seed)
             out = self.model.generate(**enc, **kwargs)
         self.generate_seconds += time.perf_counter() - t0
+        self.n_calls += 1
         new = out[0, enc["input_ids"].shape[1]:]
         self.n_generated_tokens += int(new.numel())
         return self.tokenizer.decode(new, skip_special_tokens=True)
@@ -365,6 +369,41 @@ _CHAT_INSTRUCTIONS = (
     "the best ones share (the object, its parts, colour, shape, texture, style). Each at most 10 words. "
     "Answer with a numbered list only, one description per line."
 )
+_CHAT_MANY_INSTRUCTIONS = (
+    "You are helping to find out what {k} visual features of a vision model detect. For each feature, image "
+    "descriptions were rendered as images and scored by how strongly that feature fires on them (1.000 = as strongly "
+    "as on its best natural image). Here are the best descriptions so far for each feature, as score: description.\n\n"
+    "{blocks}\n\n"
+    "For each feature, write {n} new, different image descriptions that you expect to score higher for that feature. "
+    "Explore variations of the concept its best ones share (the object, its parts, colour, shape, texture, style). "
+    "Each at most 10 words. Answer for every feature, in this format only:\n"
+    "Feature 1:\n1. ...\n2. ...\nFeature 2:\n1. ...\n2. ..."
+)
+# "Feature 3:", "**Feature 3**:", "### Feature 3", "Feature #3 (stop signs):" (any case); not "1. feature film"
+_FEATURE_HEADER = re.compile(r"^[\s#>*_]*feature\s*#?\s*(\d{1,4})(?!\d)[\s*_]*[:.)\-–—]?[\s*_]*(.*)$", re.I)
+
+
+def parse_feature_blocks(text: str, n_features: int) -> dict[int, str]:
+    """Each feature's part of a batched answer: the lines after its "Feature k:" header (k = 1..n_features, markdown
+    heading or bold allowed) up to the next header; text after the header on its own line belongs to the block. A
+    feature listed twice gets both parts; numbers outside 1..n_features and text before the first header are dropped.
+    Feed each block to `parse_numbered_lines`."""
+    blocks: dict[int, list[str]] = {}
+    current = None
+    for line in text.replace("\r", "\n").split("\n"):
+        m = _FEATURE_HEADER.match(line)
+        if m:
+            k = int(m.group(1))
+            current = k if 1 <= k <= n_features else None
+            if current is not None:
+                blocks.setdefault(current, [])
+                if m.group(2).strip():
+                    blocks[current].append(m.group(2).strip())
+        elif current is not None:
+            blocks[current].append(line)
+    return {k: "\n".join(lines) for k, lines in blocks.items()}
+
+
 _CHAT_SUMMARY = (
     "These image descriptions all make one visual feature fire strongly:\n\n{best}\n\n"
     "Name the visual concept they share in at most four words. Answer with the name only."
@@ -385,6 +424,8 @@ class TransformersChatProposer(_CausalLMProposer):
                              "FewShotLMProposer (few-shot prompts for base models) instead.")
         super().__init__(model, tokenizer, device, temperature, top_p, max_new_tokens, str(model_id_or_path))
         self.id = f"chat:{model_id_or_path}:t{temperature}:p{top_p}"
+        self.n_fallbacks = 0
+        """Features of batched calls asked again alone because their block was missing or empty."""
 
     def _chat(self, content: str, max_new_tokens: int, seed: int) -> str:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -395,6 +436,30 @@ class TransformersChatProposer(_CausalLMProposer):
         content = _CHAT_INSTRUCTIONS.format(best=format_best(best), n=n)
         budget = self.max_new_tokens or 16 * n + 32
         return parse_numbered_lines(self._chat(content, budget, context.rng_seed("propose")), n, tried=sorted(context.tried))
+
+    def propose_many(self, requests: Sequence[tuple[Best, int, ProposalContext]]) -> list[list[str]]:
+        """New prompts for several features from ONE generation: the prompt lists each feature's best prompts under
+        "Feature 1:", "Feature 2:", ... and asks for `n` new ones per feature in the same layout (`parse_feature_blocks`
+        then `parse_numbered_lines`). A feature whose block is missing or yields no prompt is asked alone (`propose`;
+        counted in `n_fallbacks`). `max_new_tokens` is per feature: the batched call may write F times as much.
+        Sampling is seeded from every request's (seed, feature, iteration), so a resumed run repeats the call."""
+        if len(requests) <= 1:
+            return [self.propose(best, n, ctx) for best, n, ctx in requests]
+        n_max = max(n for _, n, _ in requests)
+        blocks = "\n\n".join(f"Feature {i}:\n{format_best(best)}" for i, (best, _, _) in enumerate(requests, 1))
+        content = _CHAT_MANY_INSTRUCTIONS.format(k=len(requests), blocks=blocks, n=n_max)
+        budget = (self.max_new_tokens or 16 * n_max + 32) * len(requests)
+        key = "|".join(f"{ctx.seed}:{ctx.feature}:{ctx.iteration}" for _, _, ctx in requests)
+        seed = int.from_bytes(hashlib.sha256(f"propose_many|{key}".encode()).digest()[:4], "little")
+        parts = parse_feature_blocks(self._chat(content, budget, seed), len(requests))
+        out = []
+        for i, (best, n, ctx) in enumerate(requests, 1):
+            props = parse_numbered_lines(parts[i], n, tried=sorted(ctx.tried)) if i in parts else []
+            if not props:
+                self.n_fallbacks += 1
+                props = self.propose(best, n, ctx)
+            out.append(props)
+        return out
 
     def summarise(self, best: Best) -> str:
         fallback = best[0][1] if best else ""
