@@ -11,7 +11,7 @@ choices. Re-running the same command resumes after the last shard written (each 
 
 Sources: `openclipart` (Debian openclipart-png), `skimage` (scikit-image sample photos), `folder:PATH` (image files,
 label = parent folder), `hf:ID_OR_PATH` (a `datasets` dataset: a Hub id or a local folder / data files; see --split,
---image-column, --label-column).
+--image-column, --label-column); `openclipart+skimage` chains sources (the offline default's 6,813 images).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", default="spatial", choices=list(TOKENS),
                    help="which tokens of the layer become rows (default: %(default)s)")
     p.add_argument("--list-layers", action="store_true", help="print the backbone's layer names and exit")
-    p.add_argument("--source", help="openclipart | skimage | folder:PATH | hf:ID_OR_PATH")
+    p.add_argument("--source", help="openclipart | skimage | folder:PATH | hf:ID_OR_PATH | openclipart+skimage (one after "
+                                    "the other)")
     p.add_argument("--split", default="train", help="hf: only: dataset split (default: %(default)s)")
     p.add_argument("--image-column", default="image", help="hf: only: image column (default: %(default)s)")
     p.add_argument("--label-column", help="hf: only: label column (ClassLabel names are used)")
@@ -82,6 +83,8 @@ def parse_targets(layer_flags: list[str], default_tokens: str) -> list[tuple[str
 def build_source(spec: str, args: argparse.Namespace):
     from nacosae import images
 
+    if "+" in spec and not spec.startswith(("folder:", "hf:")):  # e.g. openclipart+skimage: the offline default's images
+        return images.ConcatSource([build_source(part, args) for part in spec.split("+")])
     if spec == "openclipart":
         return images.OpenClipArtSource()
     if spec == "skimage":
