@@ -7,8 +7,10 @@ stores → SAEs → quality numbers and a purity check.
 
 For each layer it extracts spatial tokens (7×7 = 49 per image), trains a TopK SAE, computes per-feature
 statistics, and measures *purity*: the share of a feature's top-16 images that share its most common Open Clip
-Art category, against the same for the layer's raw channels and for random 16-image sets. Everything resumes
-when re-run after a kill. Results: OUT/results.json and OUT/results.md.
+Art category, against the same for the layer's raw channels and for random 16-image sets. Then it names every live
+feature of each SAE (`nacosae.naming.run`, the shared render pool over the offline bank) and writes the results
+dataset. Everything resumes when re-run after a kill. Results: OUT/results.json, OUT/results.md and
+OUT/results/<layer> (paths: `nacosae.layout.RunLayout`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from nacosae.extract import extract
 from nacosae.features import FeatureStatsConfig, compute_feature_stats
 from nacosae.images import ConcatSource, ImageSource, OpenClipArtSource, SkimageSource, SubsetSource
 from nacosae.io import atomic_write_json, atomic_write_text
+from nacosae.layout import RunLayout
 from nacosae.metrics import label_purity, random_set_purity
 from nacosae.store import ActivationStore
 from nacosae.train import TrainConfig, train
@@ -56,23 +59,27 @@ def run_layer(source, backbone, layer: str, out: Path, args) -> dict:
     if cap is not None and not args.max_images:
         source = SubsetSource(source, cap, seed=args.seed)
     t0 = time.perf_counter()
-    store_dir = out / "acts" / layer
+    run = RunLayout(out)
+    store_dir = run.acts(layer)
     store = extract(source, backbone, layer, "spatial", store_dir, batch_size=32, dtype="float16")
     t_extract = time.perf_counter() - t0
 
-    sae, metrics = train(TrainConfig(store=str(store_dir), out_dir=str(out / "sae" / layer), expansion=expansion, k=k,
+    sae, metrics = train(TrainConfig(store=str(store_dir), out_dir=str(run.sae(layer)), expansion=expansion, k=k,
                                      n_epochs=epochs, batch_size=args.batch_size, seed=args.seed))
     t_train = time.perf_counter() - t0 - t_extract
 
     labels = [img.get("label") for img in store.images]
     stats_cfg = FeatureStatsConfig(top_n=16, aggregation="max")
-    sae_stats = compute_feature_stats(sae, store.iter_images(256), stats_cfg, out_dir=out / "stats" / layer,
-                                      total_images=len(labels), provenance={"sae": str(out / "sae" / layer / "sae")})
-    raw_stats = compute_feature_stats(RawChannels(store.d), store.iter_images(256), stats_cfg, out_dir=out / "stats" / f"{layer}.raw",
+    sae_stats = compute_feature_stats(sae, store.iter_images(256), stats_cfg, out_dir=run.stats(layer),
+                                      total_images=len(labels), provenance={"sae": str(run.sae_weights(layer))})
+    raw_stats = compute_feature_stats(RawChannels(store.d), store.iter_images(256), stats_cfg, out_dir=run.stats(layer, raw=True),
                                       total_images=len(labels), provenance={"raw_channels_of": layer})
     purity_sae = label_purity(sae_stats.top_images_SK, labels)
     purity_raw = label_purity(raw_stats.top_images_SK, labels)
     alive = ~sae_stats.dead_S.numpy()
+    t_named = time.perf_counter()
+    naming = name_layer(run, layer, sae, backbone, store, sae_stats, metrics, args) if layer in args.name_layers else {}
+    t_named = time.perf_counter() - t_named
     return {
         "layer": layer,
         "d_in": store.d,
@@ -88,7 +95,26 @@ def run_layer(source, backbone, layer: str, out: Path, args) -> dict:
         "purity_random_mean": random_set_purity(labels, set_size=16, n_sets=2000, seed=args.seed),
         "seconds_extract": round(t_extract, 1),
         "seconds_train": round(t_train, 1),
+        "seconds_naming": round(t_named, 1),
+        **naming,
     }
+
+
+def name_layer(run: RunLayout, layer: str, sae, backbone, store, stats, metrics: dict, args) -> dict:
+    """Name every live feature of the layer's SAE on the shared pool and write its results dataset."""
+    from nacosae.naming.engine import EngineConfig
+    from nacosae.naming.run import name_every_feature, write_naming_results
+    from nacosae.results import tables_from_stats
+
+    sae_id = f"efficientnet-lite0/{layer}"
+    config = json.loads((run.sae_weights(layer) / "config.json").read_text())
+    grid = int(round(store.tokens_per_image ** 0.5))  # EfficientNet maps are square (7×7)
+    base = tables_from_stats(stats, store.images, config, metrics, sae_id, grid_hw=(grid, grid), top_n=16)
+    out = name_every_feature(sae, backbone, layer, "spatial", run.naming(layer), cfg=EngineConfig(seed=args.seed),
+                             n_per_feature_mils=0 if args.quick else 48)
+    write_naming_results(out, sae_id, config, metrics, run.results(layer), base, figures_dir=run.naming(layer))
+    return {"naming_mean_auc_all_live": out.summary["mean_auc_all_live"], "naming_n_named": out.summary["n_named"],
+            "naming_n_live": out.summary["n_live"]}
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -106,6 +132,8 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/offline_default", help="output folder (default: %(default)s)")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS), help="EfficientNet-Lite0 layers")
     parser.add_argument("--quick", action="store_true", help="600 images and 2 epochs: a smoke run of every stage")
+    parser.add_argument("--name-layers", nargs="*", default=["blocks.14"], choices=list(LAYERS),
+                        help="layers whose features are named (default: %(default)s; none: --name-layers)")
     parser.add_argument("--max-images", type=int, default=None, help="a seeded random subset of this many images")
     parser.add_argument("--epochs", type=float, default=None, help="override the per-layer epochs")
     parser.add_argument("--batch-size", type=int, default=4096)
@@ -129,8 +157,9 @@ def main(argv=None):
     md = to_markdown(rows)
     atomic_write_text(out / "results.md", md)
     print(md)
-    skipped = ActivationStore(out / "acts" / args.layers[0]).meta.get("skipped", [])
-    print(f"{len(skipped)} images skipped (listed in {out / 'acts' / args.layers[0] / 'meta.json'})")
+    acts = RunLayout(out).acts(args.layers[0])
+    skipped = ActivationStore(acts).meta.get("skipped", [])
+    print(f"{len(skipped)} images skipped (listed in {acts / 'meta.json'})")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,11 @@ STAGES: dict[str, tuple[str | dict[str, str], str]] = {
     "extract": ("hub_scripts/extract.py:main", "backbone activations over an image source → activation store (resumable)"),
     "train": ("hub_scripts/train_sae.py:main", "train an SAE on an activation store (resumes from its checkpoint)"),
     "stats": ("hub_scripts/feature_stats.py:main", "per-feature statistics and top images of an SAE (resumable)"),
-    "name": ("hub_scripts/name_features.py:main", "name features (MILS loop and baselines; resumable work folder)"),
-    "evaluate": ("hub_scripts/evaluate_names.py:main", "score names on held-out renders (CoSy AUC/MAD, MS; resumable)"),
-    "build": ("hub_scripts/build_results.py:main", "merge a naming run into the results dataset, tables and figures"),
+    "name": ("nacosae.naming.run:main", "name EVERY live feature on the shared render pool, score each name by held-out "
+                                        "CoSy, write the results dataset (resumable)"),
+    "evaluate": ("hub_scripts/evaluate_names.py:main", "per-feature pipeline (name_features.py work folders): held-out "
+                                                       "CoSy of its names and the Monosemanticity Score (resumable)"),
+    "build": ("hub_scripts/build_results.py:main", "per-feature pipeline: merge its work folder into a results dataset"),
     "publish": ({"sae": "hub_scripts/publish_sae.py:main", "results": "hub_scripts/publish_results.py:main"},
                 "stage and upload SAEs ('publish sae') or the results dataset ('publish results') to the Hub"),
     "app": ("app.py", "the Gradio feature explorer (browse, what fires, name live, steer)"),
@@ -89,11 +91,10 @@ STAGES: dict[str, tuple[str | dict[str, str], str]] = {
 }
 
 _EPILOG = """\
-Someone else's SAE (saev, SAELens, sparsify, dictionary_learning, Overcomplete), named and scored:
+Someone else's SAE (saev, SAELens, sparsify, dictionary_learning, Overcomplete), named, scored and browsed:
   nacosae import their_sae/ --backbone efficientnet-lite0 --layer blocks.14 --tokens spatial --out runs/theirs/sae
-  nacosae stats --sae runs/theirs/sae --store runs/acts --out runs/theirs/stats
-  nacosae name --sae runs/theirs/sae --stats runs/theirs/stats --store runs/acts --work runs/theirs/naming
-then `nacosae evaluate`, `build`, `publish` and `app`, as for nacosae's own SAEs (runs/acts: `nacosae extract`).
+  nacosae name --sae runs/theirs/sae --out runs/theirs/results
+  nacosae app --sae-repo runs/theirs/sae --results-repo runs/theirs/results
 
 `nacosae STAGE --help` lists every option of a stage."""
 

@@ -222,3 +222,36 @@ def test_pool_resumes_after_kill(tmp_path):
     pool = RenderPool.open(tmp_path / "pool", {"d_sae": 6})
     for k in range(50):
         assert torch.equal(pool.codes([pool.row_of(f"r{k}")])[0], torch.arange(6.0) * k)
+
+
+def test_nacosae_name_end_to_end_on_the_demo_sae(tmp_path):
+    """`nacosae name` on the bundled demo SAE over a small family subset of the real bank: every live feature is
+    attempted, unnamed rows say why, and the dataset loads the way a Hub user loads it."""
+    from nacosae.naming.bank import CLDR_DIR, EMOJI_FONT
+
+    if not (EMOJI_FONT.is_file() and CLDR_DIR.is_dir() and os.path.isdir("/usr/share/openclipart/png")):
+        pytest.skip("Debian fonts-noto-color-emoji / unicode-cldr-core / openclipart-png not installed")
+    import datasets
+
+    from nacosae.naming.run import main
+
+    out = tmp_path / "results"
+    args = ["--sae", "demo/sae/efficientnet-lite0/blocks.14", "--out", str(out), "--max-bank", "250", "--n-rounds", "1",
+            "--per-feature-mils", "2", "--n-controls", "20", "--n-images", "3", "--n-eval-images", "3", "--quiet"]
+    assert main(args) == 0
+    ds = datasets.load_dataset(str(out), split="train")  # the default config is `features`
+    assert len(ds) == 1536
+    rows = ds.to_list()
+    for r in rows:
+        if r["unnamed_reason"] == "dead":
+            assert r["name"] == "unnamed" and r["candidate_name"] is None
+        else:  # attempted: a candidate with its held-out score, published only above the threshold
+            assert r["candidate_name"] and r["name_cosy_auc"] is not None
+            assert (r["name"] == r["candidate_name"]) == (r["name_cosy_auc"] >= 0.6)
+            assert r["unnamed_reason"] in (None, "dense", "below_threshold")
+    # a re-run reuses the pool: nothing is encoded again
+    from nacosae.naming.pool import RenderPool
+
+    n_chunks = len(list((tmp_path / "results.naming" / "pool").glob("chunk-*")))
+    assert main(args) == 0
+    assert len(list((tmp_path / "results.naming" / "pool").glob("chunk-*"))) == n_chunks

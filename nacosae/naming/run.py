@@ -309,6 +309,22 @@ def results_tables(out: NamingOutput, sae_id: str, sae_config: dict[str, Any], m
     return extra if base is None else overlay_results(base, extra)
 
 
+def write_naming_results(out: NamingOutput, sae_id: str, sae_config: dict[str, Any], metrics: dict[str, Any],
+                         out_dir, base: dict | None = None, carried: dict[str, str] | None = None,
+                         figures_dir=None) -> Path:
+    """Write the results dataset of a naming run (atomically, `nacosae.results`), its card with the evaluation
+    protocol section, and the loop-gain figure (`figures_dir`); returns the figure's path."""
+    from nacosae.naming.report import plot_loop_gain, protocol_markdown
+    from nacosae.results import results_card, write_results_folder
+
+    live = [r["feature"] for r in out.rows if r["unnamed_reason"] != "dead"]
+    fig = plot_loop_gain(out.results, live, Path(figures_dir or out_dir) / "loop_gain.png")
+    tables = results_tables(out, sae_id, sae_config, metrics, base)
+    carried = {**(carried or {}), "evaluation-protocol": protocol_markdown(out.summary)}
+    write_results_folder(tables, out_dir, results_card(tables, repo_id=str(out_dir), existing=None, carried=carried))
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # `nacosae name`
 
@@ -333,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from nacosae.cli import add_dataclass_args, dataclass_from_args
     from nacosae.layout import RunLayout
-    from nacosae.results import CARD, carried_sections, read_results_folder, results_card, write_results_folder
+    from nacosae.results import CARD, carried_sections, read_results_folder
     from nacosae.sae import SAE
 
     ap = argparse.ArgumentParser(prog="nacosae name", description=__doc__,
@@ -370,22 +386,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     bank = offline_bank(progress=not args.quiet, max_items=args.max_bank, seed=cfg.seed)
     out = name_every_feature(sae, backbone, layer, tokens, work, bank=bank, cfg=cfg,
                              n_per_feature_mils=args.per_feature_mils, progress=not args.quiet)
-    from nacosae.naming.report import plot_loop_gain, protocol_markdown
-
-    fig = plot_loop_gain(out.results, [r["feature"] for r in out.rows if r["unnamed_reason"] != "dead"],
-                         Path(args.figures or work) / "loop_gain.png")
     base = read_results_folder(args.base_results) if args.base_results else None
     sae_folder = Path(args.sae) / (args.subfolder or "")
     config = json.loads((sae_folder / "config.json").read_text()) if (sae_folder / "config.json").is_file() else sae.cfg.to_dict()
     metrics = json.loads((sae_folder / "metrics.json").read_text()) if (sae_folder / "metrics.json").is_file() else {}
-    tables = results_tables(out, sae_id, config, metrics, base)
-    carried = carried_sections((Path(args.base_results) / CARD).read_text(encoding="utf-8")) if args.base_results and (Path(args.base_results) / CARD).is_file() else {}
-    carried["evaluation-protocol"] = protocol_markdown(out.summary)
-    card = results_card(tables, repo_id=str(out_dir), existing=None, carried=carried)
-    write_results_folder(tables, out_dir, card)
+    base_card = Path(args.base_results or "") / CARD
+    carried = carried_sections(base_card.read_text(encoding="utf-8")) if args.base_results and base_card.is_file() else {}
+    fig = write_naming_results(out, sae_id, config, metrics, out_dir, base, carried, Path(args.figures or work))
+    from nacosae.naming.report import protocol_markdown
+
     s = out.summary
     print(protocol_markdown(s))
-    print(f"results: {out_dir}  (load with datasets.load_dataset({str(out_dir)!r}))  figure: {fig}")
+    print(f"results: {out_dir}  (datasets.load_dataset({str(out_dir)!r}, split='train'))  figure: {fig}")
     print(f"time: {s['timings_s']}")
     return 0
 
