@@ -49,13 +49,11 @@ def _background_start():
     first feature page into the cache, then (once the first visitor has their page, so the two do not compete for
     the CPU) load the backbone and SAE weights that uploads, steering and naming need."""
     import matplotlib  # noqa: F401
-    import torch
+    import torch  # noqa: F401
 
     import nacosae.features  # noqa: F401
 
-    # One torch thread per request: requests run side by side, and OpenMP threads on a shared or busy CPU slow a
-    # 70 ms EfficientNet pass down ~10× (benchmarks/bench_app.py). NACOSAE_TORCH_THREADS overrides.
-    torch.set_num_threads(int(os.environ.get("NACOSAE_TORCH_THREADS", "1")))
+    set_torch_threads()
     _READY.wait()
     try:
         sid = START.sae_ids[0]
@@ -66,6 +64,14 @@ def _background_start():
         warm_up()
     except serve.ServeError as e:
         print(f"[app] warm-up failed: {e}", file=sys.stderr)
+
+
+def set_torch_threads():
+    """One torch thread per request: requests run side by side, and OpenMP threads on a shared or busy CPU slow a
+    70 ms EfficientNet pass down ~10× (benchmarks/bench_app.py). NACOSAE_TORCH_THREADS overrides."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("NACOSAE_TORCH_THREADS", "1")))
 
 
 def warm_up():
@@ -561,6 +567,9 @@ demo = build_ui(START, NOTICE)
 
 
 if __name__ == "__main__":
-    if ZERO_GPU:
-        warm_up()  # to the end before serving: ZeroGPU forks its workers from this process
+    if ZERO_GPU:  # to the end before serving: ZeroGPU forks its workers from this process
+        set_torch_threads()
+        t0 = time.perf_counter()
+        warm_up()
+        print(f"[app] warm-up done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     demo.queue(default_concurrency_limit=4).launch(server_name=ARGS.host, server_port=ARGS.port)
