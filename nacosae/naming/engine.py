@@ -370,13 +370,14 @@ class NamingEngine:
                 break
             # proposals: replayed from the state file, or asked (features_per_call per call) and saved
             if it < len(saved["rounds"]):
-                proposals = {int(j): ps for j, ps in saved["rounds"][it].items()}
+                # pairs, not a dict: the JSON writer sorts keys, and the replay must add prompts in the live order
+                proposals = {int(j): ps for j, ps in saved["rounds"][it]}
             else:
                 proposals = propose_batched(proposer, {j: best[j] for j in active}, cfg.n_proposals, it + 1,
                                             {j: frozenset(map(normalise, own[j])) for j in active}, hints,
                                             cfg.features_per_call, cfg.seed)
                 if state_path is not None:
-                    saved["rounds"].append({str(j): ps for j, ps in proposals.items()})
+                    saved["rounds"].append([[j, ps] for j, ps in proposals.items()])
                     state_path.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write_json(state_path, saved)
             new = []
