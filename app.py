@@ -172,6 +172,27 @@ def user_errors(fn):
     return wrapper
 
 
+def gpu_errors(fn):
+    """For the functions that run in a ZeroGPU worker: a ServeError becomes its gr.Error (`user_errors`), and any
+    other failure (CUDA out of memory, a model error) a gr.Error naming only its kind, printed in full to the log; so
+    the visitor reads the same words on ZeroGPU as on the CPU, never "ZeroGPU worker error"."""
+    inner = user_errors(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - the worker boundary passes only gr.Error: say what failed, log the rest
+            import traceback
+
+            traceback.print_exc()
+            raise gr.Error(f"the model failed on this request ({type(e).__name__}); try again, or with another input",
+                           duration=None) from e
+    return wrapper
+
+
 # ================================================================================================ formatting
 def _fmt(x, spec: str = "{:.3f}") -> str:
     """A number for a table or sentence; '–' for a missing or non-finite one."""
@@ -293,7 +314,7 @@ def _uploaded(image):
 
 
 @gpu(duration=lambda key, sae_id, image, top: serve.gpu_seconds("what_fires"))
-@user_errors
+@gpu_errors
 def _gpu_what_fires(key, sae_id, image, top):
     """The model part of "what fires" (input already checked): on ZeroGPU, in a worker with CUDA; returns CPU data."""
     return _explorer(key).what_fires(sae_id, image, top, device=gpu_device())
@@ -317,7 +338,7 @@ def fires_open(key, sae_id, features, evt: gr.SelectData):
 
 
 @gpu(duration=lambda key, sae_id, args: serve.gpu_seconds("steer"))
-@user_errors
+@gpu_errors
 def _gpu_steer(key, sae_id, args):
     return _explorer(key).steer(sae_id, args["image"], args["feature"], args["mode"], args["value"], args["labels"],
                                 device=gpu_device())
@@ -332,7 +353,7 @@ def steer(key, sae_id, image, feature, mode, value, labels):
 
 
 @gpu(duration=lambda key, sae_id, n: serve.gpu_seconds("pool", n))
-@user_errors
+@gpu_errors
 def _gpu_build_pool(key, sae_id, n):
     """Encode about `n` more bank pictures into the SAE's render pool (a missing pool only: the demo ships its own)."""
     budget = 0.0 if ZERO_GPU else 5.0  # ZeroGPU: exactly the chunk it paid for; CPU: about 5 s between page updates

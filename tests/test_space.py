@@ -278,6 +278,13 @@ for call in (lambda: app.what_fires(key, sid, None, 3), lambda: app.steer(key, s
         call()
     except gr.Error as e:
         messages.append(e.message)
+orig = serve.Explorer.what_fires
+serve.Explorer.what_fires = lambda self, *a, **k: 1 / 0  # a failure inside the worker that is no ServeError
+try:
+    app.what_fires(key, sid, {"path": "probe.png"}, 3)
+except gr.Error as e:
+    messages.append(e.message)
+serve.Explorer.what_fires = orig
 print("MESSAGES", messages)
 print("CALLS", calls)
 """
@@ -294,6 +301,7 @@ def test_the_zero_gpu_path_off_spaces(space):
     messages = eval(out.split("MESSAGES ", 1)[1].splitlines()[0])
     assert messages[0] == "upload an image first" and "has no feature 1000000" in messages[1]
     assert messages[2].startswith("mode must be one of") and not any("ZeroGPU worker error" in m for m in messages)
+    assert messages[3] == "the model failed on this request (ZeroDivisionError); try again, or with another input"
     calls = eval(out.split("CALLS ", 1)[1].splitlines()[0])
     assert {name for name, _ in calls} == {"_gpu_what_fires", "_gpu_steer"}
     assert all(0 < d <= 30 for _, d in calls), calls
@@ -329,7 +337,7 @@ def test_caches_stay_bounded_over_50_loads(tmp_path):
     gc.collect()
     alive = sum(r() is not None for r in refs)
     rss_sources = rss_mb()
-    cfg = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 256, "patch_size": 8,
+    cfg = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 512, "patch_size": 8,
                                                          "head_width": 32},
                          "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
            "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}
@@ -340,6 +348,7 @@ def test_caches_stay_bounded_over_50_loads(tmp_path):
         (folder / "open_clip_config.json").write_text(json.dumps(cfg))
         bb = serve.backbone_for({"backbone": f"open_clip:local-dir:{folder}", "weights": None})
         bb_refs.append(weakref.ref(bb))
+        model_mb = sum(t.numel() * t.element_size() for t in bb.model.state_dict().values()) / 2**20
         with torch.no_grad():
             bb.activations(bb.preprocess_batch([__import__("PIL.Image").Image.new("RGB", (32, 32))]), "resblocks.0", "all")
         del bb
@@ -347,10 +356,12 @@ def test_caches_stay_bounded_over_50_loads(tmp_path):
     bb_alive = sum(r() is not None for r in bb_refs)
     rss_end = rss_mb()
     print(f"RSS: {rss0:.0f} MB at start, {rss_sources:.0f} MB after 50 sources ({alive} still open), {rss_end:.0f} MB "
-          f"after 50 backbones ({bb_alive} still loaded); peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+          f"after 50 backbones of {model_mb:.0f} MB each ({bb_alive} still loaded; all 50 would hold {50 * model_mb:.0f} MB); "
+          f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     assert alive <= serve.MAX_SOURCES and len(serve._EXPLORERS) <= serve.MAX_SOURCES + 1
     assert bb_alive <= serve.MAX_BACKBONES and len(serve._BACKBONES) <= serve.MAX_BACKBONES
     assert rss_sources - rss0 < 50 * 8  # unbounded, 50 demo sources would hold 50 copies of their tables and pages
+    assert rss_end - rss_sources < 20 * model_mb  # far from the 50 models an unbounded cache would keep
 
 
 def test_lru_cache_caps_entries_and_bytes():
