@@ -402,6 +402,9 @@ def live_naming(key, sae_id, feature, proposer, rounds, proposals, max_seconds, 
             yield (f"building this SAE's render pool: {status.n_done}/{status.n_total} bank pictures encoded "
                    f"(none was shipped with it{note}; built once, then kept)…", "", None, [], None, state)
             status = _gpu_build_pool(key, sae_id, POOL_CHUNK)
+        if state["done"]:  # the same request again: its result
+            yield naming_outputs(ex.live_naming_view(state), state)
+            return
         t0 = time.perf_counter()
         while not state["done"]:
             if time.perf_counter() - t0 > float(max_seconds):

@@ -499,6 +499,11 @@ def naming_proposer(name: str):
         return _NAMING[name]
 
 
+def _round_pairs(saved_round) -> list:
+    """(feature, proposals) pairs of one saved round of `NamingEngine.mils`'s state file (pairs; older files: a dict)."""
+    return list(saved_round.items()) if isinstance(saved_round, dict) else [tuple(p) for p in saved_round]
+
+
 class _Pause(Exception):
     """Raised by `_BudgetedProposer` to end a chunk of the naming loop between two rounds."""
 
@@ -1265,14 +1270,17 @@ class Explorer:
         proposer = _BudgetedProposer(naming_proposer(state["proposer"]), budget_s, lock)
         with tempfile.TemporaryDirectory(prefix="nacosae-live-") as d:
             path = Path(d) / "rounds.json"
-            path.write_text(json.dumps({"rounds": [{str(j): list(ps)} for ps in state["rounds"]]}), encoding="utf-8")
+            # the engine's own state file (NamingEngine.mils): each round a list of [feature, proposals] pairs
+            path.write_text(json.dumps({"rounds": [[[j, list(ps)]] for ps in state["rounds"]]}), encoding="utf-8")
             try:
                 res = run.mils([j], seeds, proposer, d, shared=True, hints={j: feature_hints(bank, pool, j)},
                                progress=False)
             except _Pause:
                 res = None
+            except ValueError as e:  # e.g. a bank too small for the engine's renders per prompt: the operator's setup
+                raise ServeError(f"the naming engine cannot run on this bank: {public_message(e)}") from e
             saved = json.loads(path.read_text(encoding="utf-8"))
-        return res, [list(r.get(str(j), [])) for r in saved["rounds"]]
+        return res, [next((list(ps) for f, ps in _round_pairs(r) if int(f) == j), []) for r in saved["rounds"]]
 
     def live_naming_step(self, state: dict[str, Any], budget_s: float = 0.0) -> dict[str, Any]:
         """Advance a live naming run: at least one round (the first call also scores the seed prompts), more while

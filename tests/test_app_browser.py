@@ -42,7 +42,7 @@ def app_url(tmp_path_factory):
     # offline, as here: the configured Hub repos fail fast and the app must fall back to the bundled demo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "NACOSAE_SAE_REPO": "", "NACOSAE_RESULTS_REPO": "",
-           "NACOSAE_NAMING_MAX_BANK": os.environ.get("NACOSAE_NAMING_MAX_BANK", "240")}  # a bank subset: its pool in seconds
+           "NACOSAE_NAMING_MAX_BANK": os.environ.get("NACOSAE_NAMING_MAX_BANK", "600")}  # a bank subset: its pool in seconds
     env.pop("NACOSAE_SAE_REPO"), env.pop("NACOSAE_RESULTS_REPO"), env.pop("NACOSAE_DEMO", None)
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=f,
