@@ -6,6 +6,8 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
+import sys
 import typing
 from typing import Any, TypeVar
 
@@ -92,11 +94,16 @@ STAGES: dict[str, tuple[str | dict[str, str], str]] = {
 
 _EPILOG = """\
 Someone else's SAE (saev, SAELens, sparsify, dictionary_learning, Overcomplete), named, scored and browsed:
-  nacosae import their_sae/ --backbone efficientnet-lite0 --layer blocks.14 --tokens spatial --out runs/theirs/sae
-  nacosae name --sae runs/theirs/sae --out runs/theirs/results
-  nacosae app --sae-repo runs/theirs/sae --results-repo runs/theirs/results
+  nacosae import their_sae/ --backbone efficientnet-lite0 --layer blocks.14 --tokens spatial \
+      --out runs/theirs/saes/efficientnet-lite0/blocks.14
+  nacosae name --sae runs/theirs/saes/efficientnet-lite0/blocks.14 --out runs/theirs/results
+  nacosae app --sae-repo runs/theirs/saes --results-repo runs/theirs/results
+(the app reads an SAE repo in the Hub layout, one SAE per subfolder named by its id <backbone>/<layer>, the id
+`nacosae name` gives it in the results)
 
-`nacosae STAGE --help` lists every option of a stage."""
+`nacosae STAGE --help` lists every option of a stage. A wrong input (a missing file, a corrupt checkpoint, a width
+that does not fit) ends with one line `nacosae STAGE: error: ...` and exit code 2; NACOSAE_TRACEBACK=1 shows the
+traceback as well."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,20 +122,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `nacosae` console script: `nacosae STAGE [options]`."""
-    import sys
+    """Entry point of the `nacosae` console script: `nacosae STAGE [options]`. A user error (USER_ERRORS) ends with one
+    line on stderr and exit code 2 (NACOSAE_TRACEBACK=1: raised as is); `run_stage` raises it."""
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0].startswith("-") or argv[0] not in STAGES:
         parser.parse_args(argv[:1])  # prints help / version, or argparse's "invalid choice" error; exits
-    return run_stage(argv[0], argv[1:])
+    target = STAGES[argv[0]][0]
+    stage = argv[0] + (f" {argv[1]}" if isinstance(target, dict) and argv[1:2] and argv[1] in target else "")
+    try:
+        return run_stage(argv[0], argv[1:])
+    except USER_ERRORS as e:
+        if os.environ.get("NACOSAE_TRACEBACK"):
+            raise
+        print(user_error_message(stage, e), file=sys.stderr)
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        if os.environ.get("NACOSAE_TRACEBACK"):
+            raise
+        resume = "" if stage == "app" else "; run the same command again to continue where it stopped"
+        print(f"nacosae {stage}: interrupted{resume}", file=sys.stderr)
+        return 130
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+"""Exceptions that report a wrong input rather than a bug, shown as one line by `main` (no traceback): nacosae's own
+input errors all derive from ValueError (CheckpointError, StoreError, BadImageError, ValidationError, RepoRefused,
+ServeError, PoolMismatchError, FeatureStatsError), missing or unreadable files and unreachable hosts from OSError
+(FileNotFoundError, PermissionError, ConnectionError). Anything else is a bug and keeps its traceback."""
+USER_ERROR_EXIT = 2
+"""Exit code of a user error, as argparse's for a bad flag."""
+
+
+def user_error_message(stage: str, error: BaseException) -> str:
+    """`nacosae STAGE: error: <the exception's text>` (its type's name when the text is empty)."""
+    return f"nacosae {stage}: error: {str(error).strip() or type(error).__name__}"
 
 
 def run_stage(stage: str, argv: list[str]) -> int:
-    """Run one stage with its own arguments; returns its exit code."""
-    import sys
-
+    """Run one stage with its own arguments; returns its exit code (errors propagate: `main` reports them)."""
     target, _ = STAGES[stage]
     prog = f"nacosae {stage}"
     if isinstance(target, dict):  # a stage with sub-stages, e.g. `nacosae publish sae ...`
@@ -185,7 +218,9 @@ def import_main(argv: list[str] | None = None) -> int:
                     "checkpoint does not record it (saev, Overcomplete): the layer's width is checked against the SAE.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="the checkpoint: a file (saev sae.pt, an Overcomplete state_dict) or a folder")
-    p.add_argument("--out", required=True, help="nacosae SAE folder to write (config.json + model.safetensors)")
+    p.add_argument("--out", required=True, help="nacosae SAE folder to write (config.json + model.safetensors); "
+                                                "`nacosae app --sae-repo REPO` finds it as REPO/<backbone>/<layer>, "
+                                                "e.g. --out runs/theirs/saes/efficientnet-lite0/blocks.14")
     p.add_argument("--format", choices=FORMATS, default=None, help="the checkpoint's format (default: detected from its files)")
     p.add_argument("--subfolder", default=None, help="a folder inside SRC, e.g. a sparsify hookpoint")
     p.add_argument("--backbone", default=None, help="backbone spec the activations came from (nacosae.backbones.load_backbone), "

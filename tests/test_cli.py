@@ -21,7 +21,7 @@ PEERS = Path(__file__).parent / "fixtures" / "peers"
 ISSUE_STAGES = ("extract", "train", "stats", "name", "evaluate", "publish", "app", "lab")
 # Options whose help text is missing in scripts this module does not own; they are reported, and the xfail below
 # turns into a pass once each owner documents them.
-KNOWN_UNDOCUMENTED = {"name": {"--no-progress"}, "evaluate": {"--no-progress"}, "build": {"--no-progress"}, "publish": {"--private (publish results)"},
+KNOWN_UNDOCUMENTED = {"evaluate": {"--no-progress"}, "build": {"--no-progress"}, "publish": {"--private (publish results)"},
                       "app": {"--host", "--port"}}
 
 
@@ -46,7 +46,7 @@ def test_console_script_lists_the_stages():
 
 def test_stages_are_one_table():
     assert set(ISSUE_STAGES) <= set(cli.STAGES)
-    assert cli.STAGES["name"][0] == "hub_scripts/name_features.py:main"
+    assert cli.STAGES["name"][0] == "nacosae.naming.run:main"
 
 
 class _Parsed(Exception):
@@ -132,9 +132,52 @@ def test_import_checks_the_layer_width_on_the_real_backbone(tmp_path, capsys):
     assert cli.main([*args, "--layer", "blocks.0", "--out", str(tmp_path / "ok")]) == 0
     prov = SAE.from_pretrained(tmp_path / "ok").cfg.provenance
     assert (prov["backbone"], prov["layer"], prov["tokens"], prov["d"]) == ("efficientnet-lite0", "blocks.0", "spatial", 16)
-    with pytest.raises(ValueError, match="blocks.1.*24-wide.*d_in=16"):
-        cli.main([*args, "--layer", "blocks.1", "--out", str(tmp_path / "bad")])
-    assert not (tmp_path / "bad").exists()
     capsys.readouterr()
+    assert cli.main([*args, "--layer", "blocks.1", "--out", str(tmp_path / "bad")]) == cli.USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("nacosae import: error: layer 'blocks.1' of efficientnet-lite0 gives 24-wide activations but "
+                          "this SAE reads d_in=16") and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="blocks.1.*24-wide.*d_in=16"):  # run_stage raises; main reports
+        cli.run_stage("import", [*args[1:], "--layer", "blocks.1", "--out", str(tmp_path / "bad")])
     assert cli.main(["import", str(src), "--out", str(tmp_path / "noprov")]) == 0
     assert "does not say which backbone layer" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    """A wrong input ends with `nacosae STAGE: error: ...` (its own words, no traceback) and exit code 2; anything else
+    is a bug and raises (the console script then prints the traceback)."""
+    monkeypatch.delenv("NACOSAE_TRACEBACK", raising=False)
+    missing = tmp_path / "no_such_sae"
+    assert cli.main(["export", str(missing), "--out", str(tmp_path / "lens")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nacosae export: error: '{missing}' is neither a local folder") and err.count("\n") == 1, err
+    # a real function raising a TypeError through the real dispatch: json.loads given the argv list
+    monkeypatch.setitem(cli.STAGES, "export", ("json:loads", "test"))
+    with pytest.raises(TypeError):
+        cli.main(["export", "x"])
+    monkeypatch.setenv("NACOSAE_TRACEBACK", "1")
+    monkeypatch.setitem(cli.STAGES, "export", ("nacosae.cli:export_main", "test"))
+    with pytest.raises(FileNotFoundError):
+        cli.main(["export", str(missing), "--out", str(tmp_path / "lens")])
+
+
+def test_a_corrupt_checkpoint_through_the_console_script(tmp_path):
+    """`nacosae name` on an SAE folder whose model.safetensors is cut short: one line naming the file and what to do,
+    exit code 2, no traceback; NACOSAE_TRACEBACK=1 shows it."""
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    assert cli.main(["import", str(PEERS / "sae_lens" / "topk"), "--out", str(folder)]) == 0
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("NACOSAE_TRACEBACK", None)
+    cmd = [_console_script(), "name", "--sae", str(folder), "--out", str(tmp_path / "results")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"nacosae name: error: cannot read {folder / 'model.safetensors'}: Error while deserializing header: incomplete "
+        "metadata, file not fully covered. The file is corrupt or not safetensors; re-download or re-train"], out.stderr
+    shown = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "NACOSAE_TRACEBACK": "1"})
+    assert shown.returncode == 1 and "Traceback" in shown.stderr and "CheckpointError" in shown.stderr
+    assert not (tmp_path / "results").exists()
