@@ -363,7 +363,9 @@ def test_live_naming_runs_the_offline_engine_in_rounds(planted):
     ex, sid, live, bank, cfg = planted
     status = ex.pool_status(sid)
     assert status.shipped and status.complete and status.n_total == len(bank)
-    j = live[CONCEPTS.index("dog")]
+    # not "dog": a word the bag-of-words embedder does not know ties with every picture and retrieves the first ones,
+    # which are dogs
+    j = live[CONCEPTS.index("boat")]
     state = ex.start_live_naming(sid, j, "vocabulary", rounds=2, proposals=3)
     views = []
     while not state["done"]:
@@ -373,9 +375,9 @@ def test_live_naming_runs_the_offline_engine_in_rounds(planted):
         assert len(views) <= 3
     assert [(v.rounds_done, v.step) for v in views] == [(1, "round"), (2, "done")]
     last = views[-1]
-    assert "dog" in last.name.split() and last.cosy_auc > 0.8 and last.published and last.threshold == cfg.threshold
+    assert "boat" in last.name.split() and last.cosy_auc > 0.8 and last.published and last.threshold == cfg.threshold
     assert last.best[0][0] == pytest.approx(float(last.curve["best score"].max())) and 0 < len(last.gallery) <= 8
-    assert last.hints == feature_hints(bank, ex.naming_engine(sid)[1], j)[:8] and "dog" in last.hints[0]
+    assert last.hints == feature_hints(bank, ex.naming_engine(sid)[1], j)[:8] and "boat" in last.hints[0]
     assert set(state) == {"version", "sae_id", "feature", "proposer", "n_rounds", "n_proposals", "rounds", "done",
                           "result", "elapsed_s"} and len(json.dumps(state)) < 2000
     # the same engine in one call: same name, same held-out AUC
