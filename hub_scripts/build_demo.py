@@ -38,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--results", default=None, help="results dataset folder (RESULTS_SCHEMA layout); default: "
                     "runs/results/<layer> when it exists, else stats only")
     ap.add_argument("--out", default="demo", help="output folder (default: %(default)s)")
+    ap.add_argument("--sae", default=None, help="the SAE folder, when the run folder has none (default: RUN/sae/LAYER/sae)")
     ap.add_argument("--top-n", type=int, default=9, help="top images kept per feature (default: %(default)s)")
     ap.add_argument("--max-px", type=int, default=112, help="thumbnail size (default: %(default)s)")
     ap.add_argument("--image-format", choices=list(THUMBNAIL_FORMATS), default="webp",
@@ -61,12 +62,21 @@ def main(argv=None):
     )
 
     run, out = Path(args.run), Path(args.out)
-    entry = load_sae_entry(run / "sae" / args.layer / "sae")
+    entry = load_sae_entry(Path(args.sae) if args.sae else run / "sae" / args.layer / "sae")
     publish_saes([entry], defaults["sae_repo"], local_dir=out / "sae", results_repo=defaults["results_repo"])
     results = Path(args.results) if args.results else Path("runs/results") / args.layer
     has_results = results.is_dir() and any((results / "data").glob("*/*.parquet"))
     if args.results and not has_results:
         sys.exit(f"--results {results} has no data/<table>/*.parquet (see docs/RESULTS_SCHEMA.md)")
+    if not (run / "stats" / args.layer).is_dir():
+        # no run folder: a complete results dataset (every feature row with its statistics, e.g. `nacosae name
+        # --base-results demo/results`) is the whole input
+        if not has_results:
+            sys.exit(f"neither {run / 'stats' / args.layer} nor a results dataset: give --run or --results")
+        tables = read_results_folder(results)
+        card = results / CARD
+        carried = carried_sections(card.read_text(encoding="utf-8") if card.is_file() else None, [entry.sae_id])
+        return _write(tables, carried, args, defaults, out)
     # every feature from the statistics (names: top label only); the results' rows, where there are any, replace them
     stats = FeatureStats.load(run / "stats" / args.layer)
     store_images = [json.loads(line) for line in (run / "acts" / args.layer / "images.jsonl").read_text().splitlines() if line]
@@ -88,6 +98,13 @@ def main(argv=None):
         carried = carried_sections(card.read_text(encoding="utf-8") if card.is_file() else None, [entry.sae_id])
     else:
         print(f"no results dataset at {results}: names are the top label only")
+    return _write(tables, carried, args, defaults, out)
+
+
+def _write(tables, carried, args, defaults, out: Path):
+    from nacosae.publish import publish_results
+    from nacosae.results import shrink_results
+
     tables = shrink_results(tables, args.top_n, args.max_px, args.renders_per_feature, args.image_format)
     publish_results(tables, defaults["results_repo"], local_dir=out / "results", sae_repo=defaults["sae_repo"],
                     carried=carried)

@@ -887,7 +887,7 @@ class Explorer:
         from nacosae.features import heatmap_overlay
 
         im = self.image(image_id)
-        if heat is None:
+        if heat is None or len(heat) == 0 or 0 in tuple(grid):  # image-level rows (`nacosae name` pages from the pool)
             return im
         return heatmap_overlay(im, heat, grid, vmax=vmax, box=self.token_box(sae_id, im.size))
 

@@ -68,6 +68,7 @@ _FILESYSTEM_WORDS = {
 _NOISE_FOLDERS = {"special", "unsorted", "duplicates", "examples", "miscellany", "generic", "stock", "misc"}
 # numbered series: every picture of the folder is one family (a style, not a concept, ties them)
 _SERIES_FOLDER = re.compile(r"(-theme$|^aiga|^flags?$|roadsigns|^map_symbols$|^icons$|^gradients$|^patterns$)")
+_FUNCTION_WORDS = {"and", "with", "of", "the", "a", "an", "in", "on", "for", "to", "at", "by", "or", "no", "not"}
 _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 SKIMAGE_CAPTIONS = {
     "astronaut": ("astronaut", ("astronaut", "person", "woman", "flag", "space suit")),
@@ -312,7 +313,9 @@ def emoji_items(cldr_dir: str | os.PathLike = CLDR_DIR, progress: bool = True) -
     for cp, (name, kws) in ann.items():
         if cp not in drawn or not name:
             continue
-        words = tuple(dict.fromkeys(w for k in kws for w in k.split() if re.fullmatch(r"[a-z]+", w)))
+        # CLDR keywords are English words or short phrases ("cat", "face with tears of joy"): keep them whole,
+        # never split into their function words ("and", "with")
+        words = tuple(dict.fromkeys(k for k in kws if re.fullmatch(r"[a-z][a-z' -]*[a-z]", k) and k not in _FUNCTION_WORDS))
         out.append((cp, name, words))
     return out
 

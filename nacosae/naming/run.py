@@ -34,6 +34,8 @@ METHODS = ("pool_mils", "retrieval", "mils", "top_label", "random")
 DENSE_FREQUENCY = 0.5
 """A feature firing on more than this share of the bank's pictures is dense (as in the feature statistics)."""
 N_HINTS = 16
+OFFLINE_PROPOSER_OPS = (0.6, 0.0, 0.2, 0.0, 0.2)
+"""`VocabularyProposer` op weights (neighbour, attribute, head, combine, explore) of the offline run."""
 THUMB_PX, THUMB_FORMAT = 112, "webp"
 """Thumbnails stored with each pool render (the results dataset and the app show these)."""
 
@@ -112,7 +114,9 @@ def name_every_feature(sae, backbone, layer: str, tokens: str, work_dir, bank: B
     all_feats = list(features) if features is not None else list(range(sae.cfg.d_sae))
     live = [j for j in all_feats if j not in dead]
     vocab = load_vocabulary()
-    proposer = proposer if proposer is not None else VocabularyProposer(vocab)
+    # no attribute edits offline: they win search scores with odd phrases ("scaly flag") that read badly and held
+    # out no better (docs/naming.md)
+    proposer = proposer if proposer is not None else VocabularyProposer(vocab, op_weights=OFFLINE_PROPOSER_OPS)
     hints = {j: feature_hints(bank, pool, j) for j in live}
 
     timings = {}
@@ -167,7 +171,9 @@ def feature_rows(features: Sequence[int], results: dict[str, MethodResult], dead
             r[f"name_{m}"] = res.names.get(j)
             r[f"cosy_auc_{m}"] = res.auc.get(j)
             r[f"cosy_mad_{m}"] = res.mad.get(j)
-            r[f"cosy_render_ids_{m}"] = [pool.rows[i]["render_id"] for i in res.eval_rows[j]] if j in res.eval_rows else None
+            # the eval renders of the published method only: the others' would fill the images table for little use
+            keep = m == "pool_mils" and j in res.eval_rows
+            r[f"cosy_render_ids_{m}"] = [pool.rows[i]["render_id"] for i in res.eval_rows[j]] if keep else None
         if j in dead:
             r.update(name="unnamed", name_method=None, candidate_name=None, name_cosy_auc=None, name_cosy_mad=None,
                      name_split_score=None, unnamed_reason="dead")
@@ -380,13 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     prov = sae.cfg.provenance or {}
     layer, tokens = prov.get("layer"), prov.get("tokens")
     if not layer or not tokens:
-        raise SystemExit("the SAE's config has no provenance layer/tokens: import it with `nacosae import --layer ... --tokens ...`")
+        raise ValueError(f"the SAE's config.json has no provenance layer/tokens, so nacosae cannot tell which activations "
+                         "it reads: write it again with `nacosae import THEIR_SAE --backbone ... --layer ... --tokens ... --out ...`")
     sae_id = args.sae_id or f"{prov.get('backbone')}/{layer}".replace(":", "_")
+    base = read_results_folder(args.base_results) if args.base_results else None  # a bad folder fails before the work
     backbone = load_backbone_for(prov)
     bank = offline_bank(progress=not args.quiet, max_items=args.max_bank, seed=cfg.seed)
     out = name_every_feature(sae, backbone, layer, tokens, work, bank=bank, cfg=cfg,
                              n_per_feature_mils=args.per_feature_mils, progress=not args.quiet)
-    base = read_results_folder(args.base_results) if args.base_results else None
     sae_folder = Path(args.sae) / (args.subfolder or "")
     config = json.loads((sae_folder / "config.json").read_text()) if (sae_folder / "config.json").is_file() else sae.cfg.to_dict()
     metrics = json.loads((sae_folder / "metrics.json").read_text()) if (sae_folder / "metrics.json").is_file() else {}
