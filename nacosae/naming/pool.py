@@ -9,8 +9,8 @@ One backbone + SAE pass over an image gives the image-level activation of *every
 any feature is a lookup into the pool. A row is one image: `render_id`, the `prompt` and `seed` that made it (for bank
 pictures: the item id and its description), its `split` (search / select / eval, METHODS §3.1b) and its code.
 
-Codes are stored sparse, CSR per chunk (all nonzero entries, float32): exact, and small for TopK SAEs (an image-level
-max over T tokens has at most T·k nonzeros). A chunk is one safetensors file written atomically, its rows' metadata in
+Codes are stored sparse, CSR per chunk (all nonzero entries; float16 values, the activation store's precision, and
+int16 indices below 32,768 features): small for TopK SAEs (an image-level max over T tokens has at most T·k nonzeros). A chunk is one safetensors file written atomically, its rows' metadata in
 the file's header, so a chunk is either whole or absent; `meta.json` names what the codes were made with.
 """
 
@@ -122,8 +122,9 @@ class RenderPool:
             return
         mask = codes_NS != 0
         indptr = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])
-        indices = mask.nonzero()[:, 1].to(torch.int32)
-        values = codes_NS[mask]
+        # int16 indices where d_sae allows, float16 values (the precision of the activation store): half the bytes
+        indices = mask.nonzero()[:, 1].to(torch.int16 if self.d_sae <= 32767 else torch.int32)
+        values = codes_NS[mask].half()
         path = self.folder / f"chunk-{self._n_chunks:06d}.safetensors"
         tensors = {"indptr": indptr, "indices": indices, "values": values}
         if thumbs is not None:
@@ -133,7 +134,8 @@ class RenderPool:
             tensors["thumb_offsets"] = torch.tensor([0, *np.cumsum([len(t) for t in thumbs]).tolist()], dtype=torch.int64)
         atomic_save_safetensors(path, tensors, metadata={"rows": json.dumps(list(rows))})
         self._n_chunks += 1
-        self._append(list(rows), codes_NS, list(thumbs) if thumbs is not None else None)
+        self._append(list(rows), _csr_to_dense(indptr, indices, values, self.d_sae),
+                     list(thumbs) if thumbs is not None else None)  # as stored, so a re-opened pool gives the same codes
 
     def dense(self) -> Tensor:
         """All codes, (len(self), d_sae) float32."""
@@ -169,7 +171,7 @@ def _csr_to_dense(indptr: Tensor, indices: Tensor, values: Tensor, d: int) -> Te
     n = indptr.numel() - 1
     out = torch.zeros(n, d)
     rows = torch.repeat_interleave(torch.arange(n), indptr.diff())
-    out[rows, indices.long()] = values
+    out[rows, indices.long()] = values.float()
     return out
 
 
