@@ -1129,13 +1129,12 @@ class Explorer:
     # between rounds (`_BudgetedProposer`, replayed from the saved rounds by `NamingEngine.mils` itself).
     def pool_meta(self, sae_id: str) -> dict[str, Any]:
         """What identifies the SAE's render pool of the naming bank (as `nacosae.naming.run.bank_pool` writes it)."""
-        from nacosae.naming.pool import sae_fingerprint
+        from nacosae.naming.run import bank_pool_meta
 
         bank, _, _ = naming_bank()
         prov = self._need(sae_id)["provenance"]
-        sae = self.sae(sae_id)
-        return {"d_sae": sae.cfg.d_sae, "sae": sae_fingerprint(sae), "layer": prov["layer"],
-                "tokens": prov.get("tokens", "all"), "aggregation": self.frame_aggregation(sae_id), "source": bank.id}
+        return bank_pool_meta(bank, self.sae(sae_id), prov["layer"], prov.get("tokens", "all"),
+                              self.frame_aggregation(sae_id))
 
     def _pool(self, sae_id: str):
         """(RenderPool, shipped, note): the pool shipped with the source (`<sae repo>/../naming/<sae_id>/pool`) when it
@@ -1161,8 +1160,9 @@ class Explorer:
 
     @staticmethod
     def _pool_rows(bank) -> list[dict[str, Any]]:
-        return [{"render_id": it.item_id, "item": it.item_id, "prompt": it.description, "seed": 0, "split": it.split}
-                for it in bank.items]
+        from nacosae.naming.run import bank_pool_rows
+
+        return bank_pool_rows(bank)
 
     def pool_status(self, sae_id: str) -> PoolStatus:
         """How much of the SAE's render pool exists (opening the bank on first use)."""

@@ -443,7 +443,7 @@ def test_pool_is_built_in_chunks_where_none_was_shipped(eff, effnet, tmp_path, m
         assert not shipped and str(tmp_path / "cache") in str(pool.folder)
         want = encode_fn(effnet, "blocks.14", "spatial", sae, "max")([bank.load_image(i) for i in range(len(bank))])
         got = pool.codes([pool.row_of(it.item_id) for it in bank.items])
-        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)  # the pool keeps float16 values
         again = bank_pool(bank, effnet, "blocks.14", "spatial", sae, pool.folder, progress=False)  # no mismatch, no work
         assert len(again) == len(bank)
     finally:

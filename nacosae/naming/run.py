@@ -71,15 +71,24 @@ def feature_hints(bank: Bank, pool: RenderPool, feature: int, split: str = "sear
     return list(dict.fromkeys(pool.rows[rows[i]]["prompt"] for i in top.tolist() if acts[i] > 0))
 
 
+def bank_pool_meta(bank: Bank, sae, layer: str, tokens: str, aggregation: str = "max") -> dict[str, Any]:
+    """What identifies a bank pool: a pool folder with other meta is refused (`PoolMismatchError`)."""
+    return {"d_sae": sae.cfg.d_sae, "sae": sae_fingerprint(sae), "layer": layer, "tokens": tokens,
+            "aggregation": aggregation, "source": bank.id}
+
+
+def bank_pool_rows(bank: Bank) -> list[dict[str, Any]]:
+    """One pool row per bank picture: its id, description (as the render's prompt) and split."""
+    return [{"render_id": it.item_id, "item": it.item_id, "prompt": it.description, "seed": 0, "split": it.split}
+            for it in bank.items]
+
+
 def bank_pool(bank: Bank, backbone, layer: str, tokens: str, sae, folder, aggregation: str = "max",
               progress: bool = True) -> RenderPool:
     """The pool of every bank picture's image-level code (encoded once; resumes after a kill; refuses a folder made
     with another SAE, layer or bank)."""
-    meta = {"d_sae": sae.cfg.d_sae, "sae": sae_fingerprint(sae), "layer": layer, "tokens": tokens,
-            "aggregation": aggregation, "source": bank.id}
-    pool = RenderPool.open(folder, meta)
-    rows = [{"render_id": it.item_id, "item": it.item_id, "prompt": it.description, "seed": 0, "split": it.split}
-            for it in bank.items]
+    pool = RenderPool.open(folder, bank_pool_meta(bank, sae, layer, tokens, aggregation))
+    rows = bank_pool_rows(bank)
     from nacosae.results import thumbnail_bytes
 
     fill_pool(pool, rows, bank.load_image, encode_fn(backbone, layer, tokens, sae, aggregation), progress=progress,
