@@ -842,8 +842,12 @@ def load_results(path_or_repo_id: str | os.PathLike, table: str = "features", re
     if path.exists() and not (path / CARD).is_file():
         raise FileNotFoundError(f"{path} has no README.md: not a results dataset folder (build one with "
                                 "hub_scripts/build_results.py)")
+    # a local folder is rewritten in place by every build, and `datasets` keys its Arrow cache of a local folder by
+    # the folder's name and files, not their contents: it would serve the previous build (seen with datasets 5.2)
+    # (and the split sizes recorded for another folder of the same name would fail the checks)
+    local = {"download_mode": "force_redownload", "verification_mode": "no_checks"} if path.exists() else {}
     return load_dataset(str(path_or_repo_id), table, revision=revision, split="train",
-                        cache_dir=None if cache_dir is None else str(cache_dir))
+                        cache_dir=None if cache_dir is None else str(cache_dir), **local)
 
 
 # ================================================================================================ combining datasets

@@ -182,7 +182,9 @@ def test_the_bundled_demo_loads_without_a_config_name_and_validates(tmp_path):
     summary = validate_results_folder(DEMO)  # an older dataset: read into the current schema, valid
     assert summary["rows"]["features"] == len(ds)
     tables = read_results_folder(DEMO)
-    assert tables["features"].column("unnamed_reason").null_count == len(ds)  # a column added since: null
+    rows = tables["features"].select(["name", "unnamed_reason"]).to_pylist()
+    # every feature was attempted (issue 8): a row is named, or says why not
+    assert all((r["name"] != "unnamed") == (r["unnamed_reason"] is None) for r in rows)
     assert tables["images"].schema.names == arrow_schema("images").names
 
 
@@ -312,8 +314,27 @@ def test_an_old_generated_block_becomes_the_overview_section(written):
     assert "old generated" not in body and "nacosae:generated" not in body
     assert body.index("Intro.") < body.index("nacosae:section overview") < body.index("Outro.")
     assert list(card_sections(new)) == ["overview", "protocol x"]
-    if DEMO.is_dir():  # the bundled demo's card is such an old card: its hand-free body becomes the overview
+    if DEMO.is_dir():  # the bundled demo's card carries its evaluation protocol as a named section
         demo_card = (DEMO / "README.md").read_text()
-        assert carried_sections(demo_card, ["s"]) == {}
+        assert list(carried_sections(demo_card, ["s"])) == ["evaluation-protocol"]
     assert carried_sections("---\na: 1\n---\n# Built before sections\nprotocol text\n", ["x/y"]) == {
         "protocol x/y": "# Built before sections\nprotocol text"}
+
+
+def test_load_results_never_serves_a_stale_build(tmp_path):
+    """`datasets` caches a local folder by its name and files: a rebuilt dataset in the same place must load anew."""
+    from nacosae.results import load_results, write_results
+
+    rows = [{"sae_id": "s", "feature": j, "image_frequency": 0.1, "token_frequency": 0.1, "mean_act": 0.0,
+             "max_act": 1.0, "aggregation": "max", "dead": False, "dense": False, "hist_edges": [], "hist_counts": [],
+             "top_image_ids": [], "top_activations": [], "top_heatmaps": [], "grid_h": 1, "grid_w": 1,
+             "name": "unnamed", "name_method": None} for j in range(3)]
+    runs = [{"sae_id": "s", "backbone": "b", "layer": "l", "tokens": "t", "d_in": 2, "d_sae": 3, "activation": "topk",
+             "k": 1, "val_fvu": 0.1, "val_explained_variance": 0.9, "val_l0": 1.0, "val_dead_fraction": 0.0,
+             "n_train_rows": 10, "provenance_json": "{}"}]
+    out = tmp_path / "results"
+    write_results(out, rows, [], runs)
+    assert [r["name"] for r in load_results(out)] == ["unnamed"] * 3
+    rows[1].update(name="dog", name_method="pool_mils")
+    write_results(out, rows, [], runs)
+    assert [r["name"] for r in load_results(out)] == ["unnamed", "dog", "unnamed"]
