@@ -131,7 +131,12 @@ def load_foreign_sae(
         raise FileNotFoundError(f"no file or folder {path}")
     fmt = format or detect_format(path)
     if fmt == "nacosae":
-        return SAE.from_pretrained(path.parent if path.is_file() else path, device=device)
+        sae = SAE.from_pretrained(path.parent if path.is_file() else path, device=device)
+        if provenance:  # the caller completes what the checkpoint lacks (e.g. a nacosae SAE saved without its layer)
+            sae.cfg = _replace_provenance(sae.cfg, {**(sae.cfg.provenance or {}), **provenance})
+        if backbone is not None:
+            complete_provenance(sae, backbone)
+        return sae
     readers = {"saev": _read_saev, "sae_lens": _read_sae_lens, "sparsify": _read_sparsify,
                "dictionary_learning": _read_dictionary_learning, "overcomplete": _read_overcomplete}
     if fmt not in readers:

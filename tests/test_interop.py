@@ -4,6 +4,7 @@ SAELens. The checkpoints and reference codes in tests/fixtures/peers/ were writt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import OrderedDict
@@ -331,3 +332,16 @@ def test_older_layouts_map_as_their_libraries_map_them(tmp_path):
     (topk / "config.json").unlink()
     with pytest.raises(CheckpointError, match="AutoEncoderTopK or BatchTopKSAE"):
         load_foreign_sae(topk)
+
+
+def test_import_completes_a_nacosae_sae_that_lacks_its_provenance(tmp_path):
+    """`nacosae name` tells the user to re-import an SAE whose config names no layer: the import must then write the
+    layer and tokens the user gives (it used to return the folder's SAE unchanged)."""
+    from nacosae.interop import load_foreign_sae
+
+    sae = _load(PEERS / "saev_repo" / "topk")
+    bare = dataclasses.replace(sae.cfg, provenance={})
+    sae.cfg = bare
+    sae.save_pretrained(tmp_path / "bare")
+    back = load_foreign_sae(tmp_path / "bare", provenance={"layer": "blocks.0", "tokens": "spatial"})
+    assert back.cfg.provenance["layer"] == "blocks.0" and back.cfg.provenance["tokens"] == "spatial"
