@@ -64,32 +64,9 @@ def build_clip(folder: Path, s: dict, device: str):
 
 def build_pipeline(folder: Path, s: dict) -> Path:
     """A tiny Stable Diffusion pipeline from configs (random weights), saved for `DiffusersGenerator` to load."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from nacosae.naming.tiny import save_tiny_sd_pipeline
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):  # byte-level characters, no merges: any prompt tokenises
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    ch, t = tuple(s["sd_channels"]), s["sd_text"]
-    unet = UNet2DConditionModel(block_out_channels=ch, layers_per_block=1, sample_size=s["sd_size"] // 2, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=t,
-                                norm_num_groups=4, attention_head_dim=2)
-    vae = AutoencoderKL(block_out_channels=ch, in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=t, intermediate_size=2 * t,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=t))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    torch.manual_seed(0)
-    pipe.save_pretrained(folder)
-    return folder
+    return save_tiny_sd_pipeline(folder, size=s["sd_size"], channels=s["sd_channels"], text_width=s["sd_text"], max_length=77)
 
 
 def build_chat_lm(folder: Path, s: dict) -> Path:

@@ -41,40 +41,11 @@ CFG = EngineConfig(n_images=2, n_eval_images=3, n_rounds=2, n_proposals=2, n_bes
 # tiny components (random weights, built from configs, saved and loaded by path as the real ones are)
 
 
-def _tiny_clip_tokenizer():
-    """A CLIP BPE tokenizer with a byte-level character vocabulary and no merges: tokenises any prompt, offline."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-
-
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from nacosae.naming.tiny import save_tiny_sd_pipeline
 
-    root = tmp_path_factory.mktemp("tiny-sd")
-    torch.manual_seed(0)
-    tokenizer = _tiny_clip_tokenizer()
-    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=SIZE // 2, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, attention_head_dim=2)
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                                        pad_token_id=1, projection_dim=8))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "pipe")
-    return root / "pipe"
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe", size=SIZE)
 
 
 @pytest.fixture(scope="module")
