@@ -20,7 +20,8 @@ import torch
 
 
 def main(argv=None):
-    from nacosae.evaluate import NamingRun, build_results, load_run_config, results_markdown
+    from nacosae.evaluate import NamingRun, build_results, load_run_config
+    from nacosae.naming.report import results_markdown
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="work folder of the naming run")

@@ -55,7 +55,8 @@ def run_sharded(script: str, args: list[str], nproc: int, threads: int) -> None:
 
 
 def main(argv=None):
-    from nacosae.evaluate import NamingRun, add_config_arguments, build_results, config_from_args, results_markdown
+    from nacosae.evaluate import NamingRun, add_config_arguments, build_results, config_from_args
+    from nacosae.naming.report import results_markdown
     from nacosae.io import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

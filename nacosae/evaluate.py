@@ -24,6 +24,10 @@ Speed: every probe image's image-level activations (all SAE features, and the ra
 activation store into an `ImageActivationTable`; the bank images are probe images, so the MILS scorer and CoSy look
 them up instead of re-running the backbone (the same backbone, layer and preprocessing wrote the store; it holds
 float16). Images the store lacks go through the backbone.
+
+This module keeps the run's work folder (config, shards, setup, resume) and the merge step; the parts it calls have
+their own owners: the activation table and scorers in `nacosae.naming.scorer`, the MS report in `nacosae.metrics`,
+tables, figures, markdown and the card text in `nacosae.naming.report`, the row builders in `nacosae.results`.
 """
 
 from __future__ import annotations
@@ -46,16 +50,23 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from nacosae import __version__
-from nacosae.features import aggregate_tokens
 from nacosae.images import ImageRecord, SkimageSource, cache_dir, open_image, pad_to_square
-from nacosae.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
-from nacosae.metrics import cosy_scores, monosemanticity_score
+from nacosae.io import atomic_write_bytes, atomic_write_json
+from nacosae.metrics import cosy_scores, monosemanticity_report
 from nacosae.naming.generators import DescribedImageBank, Render, RetrievalGenerator
+from nacosae.naming.report import (
+    comparison_table,
+    paired_difference,
+    plot_auc_distributions,
+    plot_mils_scores,
+    plot_ms,
+    results_card,
+    results_markdown,
+)
+from nacosae.naming.scorer import REF_KEY, ImageActivationTable, TableScorer, _LazyFeatureScorer, store_ref
 from nacosae.naming.vocab import OPENCLIPART_DIR, normalise
 
 SCHEMA_VERSION = 1
-REF_KEY = "nacosae_ref"
-"""`PIL.Image.info` key under which bank images carry their ref (path), so a scorer can look their activations up."""
 METHODS = ("mils", "mils_gemma", "top_label", "random", "vocab")
 MILS_METHODS = ("mils", "mils_gemma")
 PUBLISHABLE = ("mils", "mils_gemma", "top_label", "vocab")
@@ -294,140 +305,7 @@ def split_bank(bank: DescribedImageBank, eval_fraction: float = 0.5, seed: int =
     return bank.subset(np.sort(perm[n_eval:])), bank.subset(np.sort(perm[:n_eval]))
 
 
-# ================================================================================================ activations
-def store_ref(record: dict) -> str:
-    """The ref of a probe image: its file path, or its image id for images without a file (scikit-image samples)."""
-    return str(record["path"]) if record.get("path") else str(record["image_id"])
-
-
-class ImageActivationTable:
-    """Image-level activations of images by ref: every SAE feature (N, S) and every raw channel (N, D) of the layer.
-
-    Built once from the activation store (`from_store`); `rows(refs, images)` returns the SAE rows, computing the
-    images the store lacks through `fallback` (a `FeatureScorer`, raw activations) and remembering them.
-    """
-
-    def __init__(self, refs: Sequence[str], acts_NS: Tensor, raw_ND: Tensor, aggregation: str, fallback=None):
-        if acts_NS.shape[0] != len(refs) or raw_ND.shape[0] != len(refs):
-            raise ValueError(f"{len(refs)} refs for {acts_NS.shape[0]} SAE rows and {raw_ND.shape[0]} raw rows")
-        self.refs = list(refs)
-        self.index = {r: i for i, r in enumerate(self.refs)}
-        if len(self.index) != len(self.refs):
-            raise ValueError("refs must be unique (one row per image)")
-        self.acts_NS, self.raw_ND, self.aggregation, self.fallback = acts_NS.float(), raw_ND.float(), aggregation, fallback
-        self._extra: dict[str, Tensor] = {}
-        self.n_fallback = 0
-
-    @property
-    def d_sae(self) -> int:
-        return self.acts_NS.shape[1]
-
-    @classmethod
-    @torch.no_grad()
-    def from_store(cls, store, sae, aggregation: str = "max", cls_token: int = 0, batch_images: int = 256,
-                   progress: bool = True) -> ImageActivationTable:
-        pos = {r["image_idx"]: i for i, r in enumerate(store.images)}
-        N = len(store.images)
-        acts_NS = torch.zeros(N, sae.cfg.d_sae)
-        raw_ND = torch.zeros(N, store.d)
-        bar = tqdm(total=N, desc="activation table", unit="img", disable=not progress)
-        for image_idx_N, acts_NTD in store.iter_images(batch_images):
-            B, T, D = acts_NTD.shape
-            codes_NTS = sae.encode(acts_NTD.reshape(B * T, D).to(sae.W_dec.device)).reshape(B, T, -1).float().cpu()
-            rows = torch.as_tensor([pos[int(i)] for i in image_idx_N])
-            acts_NS[rows] = aggregate_tokens(codes_NTS, aggregation, cls_token)
-            raw_ND[rows] = aggregate_tokens(acts_NTD.float().cpu(), aggregation, cls_token)
-            bar.update(B)
-        bar.close()
-        return cls([store_ref(r) for r in store.images], acts_NS, raw_ND, aggregation)
-
-    def save(self, path: str | os.PathLike, key: str) -> None:
-        atomic_save_safetensors(path, {"acts_NS": self.acts_NS, "raw_ND": self.raw_ND},
-                                metadata={"refs": json.dumps(self.refs), "aggregation": self.aggregation, "key": key,
-                                          "schema_version": str(SCHEMA_VERSION)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, key: str) -> ImageActivationTable | None:
-        """The saved table, or None when there is none or it was built from other inputs (`key` differs)."""
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != key or meta.get("schema_version") != str(SCHEMA_VERSION):
-                return None
-            return cls(json.loads(meta["refs"]), f.get_tensor("acts_NS"), f.get_tensor("raw_ND"), meta["aggregation"])
-
-    def rows(self, refs: Sequence[str | None], images: Sequence[Image.Image] | None = None) -> Tensor:
-        """(N, S) SAE activations; a ref the table lacks (or None) needs its image, run through `fallback`."""
-        out = torch.empty(len(refs), self.d_sae)
-        todo = []
-        for i, r in enumerate(refs):
-            if r is not None and r in self.index:
-                out[i] = self.acts_NS[self.index[r]]
-            elif r is not None and r in self._extra:
-                out[i] = self._extra[r]
-            else:
-                todo.append(i)
-        if todo:
-            if images is None or self.fallback is None:
-                raise KeyError(f"{len(todo)} image(s) are not in the activation table (e.g. {refs[todo[0]]!r}) and there is "
-                               "no fallback scorer (or no images) to compute them")
-            acts = self.fallback.activations([images[i] for i in todo], range(self.d_sae))
-            self.n_fallback += len(todo)
-            for i, a in zip(todo, acts):
-                out[i] = a
-                if refs[i] is not None:
-                    self._extra[refs[i]] = a.clone()
-        return out
-
-    def raw_rows(self, refs: Sequence[str]) -> Tensor:
-        missing = [r for r in refs if r not in self.index]
-        if missing:
-            raise KeyError(f"raw-channel activations exist only for probe images; {missing[:3]} are not in the store")
-        return self.raw_ND[torch.as_tensor([self.index[r] for r in refs], dtype=torch.long)]
-
-
-class _LazyFeatureScorer:
-    """A FeatureScorer on the run's backbone, built (and the backbone loaded) only when an image is not in the table."""
-
-    def __init__(self, run: NamingRun):
-        self.run, self._scorer = run, None
-
-    def activations(self, images, features):
-        if self._scorer is None:
-            from nacosae.naming.scorer import FeatureScorer
-
-            r = self.run
-            self._scorer = FeatureScorer(r.backbone, r.layer, r.tokens, r.sae, r.aggregation,
-                                         cls_token=getattr(r.stats.config, "cls_token", 0))
-        return self._scorer.activations(images, features)
-
-
-class TableScorer:
-    """The MILS scorer (METHODS §3.1 step 4) on top of an `ImageActivationTable`: activation / probe-set max, looking up
-    images by `image.info[REF_KEY]` (bank thumbnails carry it); equal to `FeatureScorer.score` up to the store's dtype."""
-
-    def __init__(self, table: ImageActivationTable, max_act_S: Tensor):
-        self.table = table
-        self.max_act_S = torch.as_tensor(max_act_S, dtype=torch.float32).flatten()
-        if self.max_act_S.numel() != table.d_sae:
-            raise ValueError(f"max_act_S has {self.max_act_S.numel()} entries, the table {table.d_sae} features")
-
-    def activations(self, images: Sequence[Image.Image], features: Sequence[int]) -> Tensor:
-        refs = [im.info.get(REF_KEY) for im in images]
-        return self.table.rows(refs, images)[:, torch.as_tensor(list(features), dtype=torch.long)]
-
-    def score(self, images: Sequence[Image.Image], features: Sequence[int]) -> Tensor:
-        feats = torch.as_tensor(list(features), dtype=torch.long)
-        max_F = self.max_act_S[feats]
-        if not (max_F > 0).all():
-            raise ValueError(f"features {feats[~(max_F > 0)].tolist()} never fired on the probe set: nothing to name")
-        return self.activations(images, features) / max_F
-
-
-# ================================================================================================ CoSy, MS, publishing
+# ================================================================================================ CoSy, publishing
 def cosy_for_name(name: str, generator, seeds: Sequence[int], acts_fn: Callable[[list[Render]], Tensor],
                   control_acts_M: Tensor, template: str = "{}") -> dict[str, Any]:
     """CoSy (METHODS §4.1) of one name: render it with `seeds` (held-out), take the feature's image-level activations
@@ -452,35 +330,6 @@ def publish(aucs: dict[str, float | None], names: dict[str, str | None], thresho
     if best is None or aucs[best] < threshold:
         return UNNAMED, None
     return names[best], best
-
-
-def ms_summary(ms: Tensor) -> dict[str, float]:
-    ms = torch.as_tensor(ms, dtype=torch.float64)
-    ok = ms[~torch.isnan(ms)]
-    if not len(ok):
-        return {"n": 0, "n_nan": int(ms.numel()), "mean": math.nan, "median": math.nan, "max": math.nan}
-    return {"n": len(ok), "n_nan": int(ms.numel() - len(ok)), "mean": float(ok.mean()), "median": float(ok.median()),
-            "max": float(ok.max()), "share_ge_0.5": float((ok >= 0.5).double().mean())}
-
-
-def monosemanticity_report(acts_NS: Tensor, raw_ND: Tensor, emb_NE: Tensor, alive_S: Tensor | None = None,
-                           named: Sequence[int] = ()) -> dict[str, Any]:
-    """MS (METHODS §4.2) of SAE features and of the layer's raw channels on the same N images and embeddings.
-
-    Also the MS a feature would get with equal weights on every image (the mean cosine over all pairs): the level of a
-    feature that ignores what is in the images; MS is only informative above it. NaN (dead/constant) → None in lists.
-    """
-    ms_S = monosemanticity_score(acts_NS, emb_NE)
-    ms_raw_D = monosemanticity_score(raw_ND, emb_NE)
-    n = emb_NE.shape[0]
-    unit_NE = emb_NE.double() / emb_NE.double().norm(dim=1, keepdim=True)
-    uniform = float((unit_NE.sum(0).pow(2).sum() - n) / (n * n - n))
-    alive_S = torch.ones(ms_S.shape[0], dtype=torch.bool) if alive_S is None else torch.as_tensor(alive_S, dtype=torch.bool)
-    return {"ms_S": [None if math.isnan(v) else v for v in ms_S.tolist()],
-            "ms_raw_D": [None if math.isnan(v) else v for v in ms_raw_D.tolist()],
-            "summary_sae_alive": ms_summary(ms_S[alive_S]),
-            "summary_sae_named": ms_summary(ms_S[list(named)]) if len(named) else ms_summary(torch.tensor([])),
-            "summary_raw": ms_summary(ms_raw_D), "uniform_weights_ms": uniform}
 
 
 # ================================================================================================ the run
@@ -829,130 +678,7 @@ class NamingRun:
         return out
 
 
-# ================================================================================================ tables and plots
-def comparison_table(rows: Sequence[dict], methods: Sequence[str], threshold: float) -> list[dict]:
-    """Per method, over the rows (features) where every method in `methods` has an AUC: mean ± std AUC and MAD,
-    the share of features above `threshold`, and the share it wins (highest AUC; ties split equally, so shares sum
-    to 1)."""
-    rows = [r for r in rows if all(r.get(f"cosy_auc_{m}") is not None for m in methods)]
-    if not rows:
-        return []
-    auc = np.array([[r[f"cosy_auc_{m}"] for m in methods] for r in rows], dtype=np.float64)
-    mad = np.array([[r[f"cosy_mad_{m}"] for m in methods] for r in rows], dtype=np.float64)
-    best = auc.max(1, keepdims=True)
-    winners = np.isclose(auc, best, rtol=0, atol=1e-12)
-    wins = (winners / winners.sum(1, keepdims=True)).sum(0) / len(rows)
-    std = lambda x: float(x.std(ddof=1)) if len(x) > 1 else 0.0
-    return [{"method": m, "n": len(rows), "auc_mean": float(auc[:, i].mean()), "auc_std": std(auc[:, i]),
-             "mad_mean": float(mad[:, i].mean()), "mad_std": std(mad[:, i]),
-             "share_auc_ge_threshold": float((auc[:, i] >= threshold).mean()), "win_share": float(wins[i])}
-            for i, m in enumerate(methods)]
-
-
-def paired_difference(rows: Sequence[dict], a: str, b: str, n_boot: int = 10000, seed: int = 0) -> dict | None:
-    """Method `a` minus method `b` in held-out AUC over the features both named: mean, a 95 % bootstrap interval of the
-    mean (features resampled), and the shares of features where a is better / worse. None without common features."""
-    pairs = [(r[f"cosy_auc_{a}"], r[f"cosy_auc_{b}"]) for r in rows
-             if r.get(f"cosy_auc_{a}") is not None and r.get(f"cosy_auc_{b}") is not None]
-    if not pairs:
-        return None
-    d = np.array([x - y for x, y in pairs], dtype=np.float64)
-    boot = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"a": a, "b": b, "n": len(d), "mean": float(d.mean()), "ci95": [float(lo), float(hi)],
-            "share_a_better": float((d > 0).mean()), "share_a_worse": float((d < 0).mean())}
-
-
-def comparison_markdown(table: Sequence[dict], threshold: float) -> str:
-    head = (f"| method | n | CoSy AUC (mean ± std) | CoSy MAD (mean ± std) | AUC ≥ {threshold:g} | wins |\n"
-            "|---|---|---|---|---|---|\n")
-    return head + "".join(
-        f"| {r['method']} | {r['n']} | {r['auc_mean']:.3f} ± {r['auc_std']:.3f} | {r['mad_mean']:.2f} ± {r['mad_std']:.2f} | "
-        f"{r['share_auc_ge_threshold']:.0%} | {r['win_share']:.0%} |\n" for r in table)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_auc_distributions(rows: Sequence[dict], methods: Sequence[str], path: str | os.PathLike, threshold: float,
-                           title: str = "") -> Path:
-    """Box plots + points of each method's held-out CoSy AUC over the features it named."""
-    plt = _pyplot()
-    data = [[r[f"cosy_auc_{m}"] for r in rows if r.get(f"cosy_auc_{m}") is not None] for m in methods]
-    fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 2, 3.6))
-    ax.boxplot(data, showfliers=False)
-    ax.set_xticks(range(1, len(methods) + 1), [f"{m}\n(n={len(d)})" for m, d in zip(methods, data)])
-    rng = np.random.default_rng(0)
-    for i, d in enumerate(data, start=1):
-        ax.scatter(i + rng.uniform(-0.15, 0.15, len(d)), d, s=9, alpha=0.6)
-    ax.axhline(threshold, color="grey", ls="--", lw=1)
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set_ylabel("held-out CoSy AUC")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title or "CoSy AUC per method (held-out renders vs control)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_mils_scores(records_by_method: dict[str, Sequence[dict]], path: str | os.PathLike) -> Path:
-    """Best MILS score after each iteration (0 = seed prompts): median and interquartile band over features."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for m, recs in records_by_method.items():
-        curves = [r["scores_by_iteration"] for r in recs if r.get("scores_by_iteration")]
-        if not curves:
-            continue
-        L = max(len(c) for c in curves)
-        arr = np.array([c + [c[-1]] * (L - len(c)) for c in curves], dtype=np.float64)
-        x = np.arange(L)
-        ax.plot(x, np.median(arr, 0), marker="o", ms=3, label=f"{m} (n={len(curves)})")
-        ax.fill_between(x, np.percentile(arr, 25, 0), np.percentile(arr, 75, 0), alpha=0.2)
-    ax.set_xlabel("iteration (0 = seed prompts)")
-    ax.set_ylabel("best score (activation / probe max)")
-    ax.legend(fontsize=8)
-    ax.set_title("MILS: best score vs iteration (search half of the bank)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_ms(ms_sae: Sequence[float | None], ms_raw: Sequence[float | None], path: str | os.PathLike, encoder: str,
-            baseline: float | None = None) -> Path:
-    """Histograms of the MS of SAE features and raw channels; `baseline`: the equal-weights MS (a dashed line)."""
-    plt = _pyplot()
-    a = np.array([v for v in ms_sae if v is not None], dtype=np.float64)
-    b = np.array([v for v in ms_raw if v is not None], dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    bins = np.linspace(min(a.min(initial=1), b.min(initial=1)), max(a.max(initial=0), b.max(initial=0)), 40)
-    ax.hist(a, bins=bins, alpha=0.6, density=True, label=f"SAE features (n={len(a)}, mean {a.mean():.3f})")
-    ax.hist(b, bins=bins, alpha=0.6, density=True, label=f"raw channels (n={len(b)}, mean {b.mean():.3f})")
-    if baseline is not None:
-        ax.axvline(baseline, color="grey", ls="--", lw=1, label=f"equal weights (images ignored): {baseline:.3f}")
-    ax.set_xlabel(f"Monosemanticity Score (encoder: {encoder})")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# ================================================================================================ assembling the dataset
+# ================================================================================================ the merge step
 def _grid(T: int) -> tuple[int, int]:
     side = round(math.sqrt(T))
     return (side, side) if side * side == T else (1, T)
@@ -969,7 +695,7 @@ def assemble_results(run: NamingRun, all_features: bool = False, image_loader: C
     image a row refers to (top images, MILS renders, CoSy renders), as ≤ 224 px PNG. Summary: the comparison tables,
     MS summary and settings (also stored as the runs row's `evaluation_json`).
     """
-    from nacosae.results import thumbnail_bytes
+    from nacosae.results import feature_stats_row, runs_row, thumbnail_bytes
 
     cfg, stats = run.cfg, run.stats
     names = {m: run.names(m) for m in METHODS}
@@ -997,19 +723,10 @@ def assemble_results(run: NamingRun, all_features: bool = False, image_loader: C
     feats = list(range(stats.d_sae)) if all_features else sorted(run.features)
     rows = []
     for j in feats:
-        top = stats.top_images(j)
-        top_refs = [store_ref(run.probe_record(i)) for i, _ in top]
-        row = {
-            "sae_id": run.sae_id, "feature": j,
-            "image_frequency": float(stats.image_frequency_S[j]), "token_frequency": float(stats.token_frequency_S[j]),
-            "mean_act": float(stats.mean_act_S[j]), "max_act": float(stats.act_max_S[j]), "aggregation": stats.aggregation,
-            "dead": bool(stats.dead_S[j]), "dense": bool(stats.dense_S[j]),
-            "hist_edges": stats.hist_edges(j).tolist(), "hist_counts": stats.hist_counts_SH[j].tolist(),
-            "top_image_ids": [image_id(r) for r in top_refs], "top_activations": [v for _, v in top],
-            "top_heatmaps": stats.top_maps_SKT[j, : len(top)].tolist(), "grid_h": gh, "grid_w": gw,
-            "ms": _f(ms["ms_S"][j]), "ms_encoder": f"{ms['encoder']} ({ms['encoder_caveat']})",
-        }
-        for r in top_refs:
+        row = feature_stats_row(stats, j, lambda i: image_id(store_ref(run.probe_record(i))), (gh, gw))
+        row.update(sae_id=run.sae_id, ms=_f(ms["ms_S"][j]), ms_encoder=f"{ms['encoder']} ({ms['encoder_caveat']})")
+        for i, _ in stats.top_images(j)[: stats.config.top_n]:
+            r = store_ref(run.probe_record(i))
             wanted[image_id(r)] = r
         aucs, method_names = {}, {}
         ev = evals.get(j, {})
@@ -1074,92 +791,9 @@ def assemble_results(run: NamingRun, all_features: bool = False, image_loader: C
         "timing_s": {m: sum(r.get("seconds", 0.0) for r in names[m].values()) for m in MILS_METHODS if names[m]},
         "config": cfg.to_dict(),
     }
-    run_row = _runs_row(run, summary)
-    return rows, images, [run_row], summary
-
-
-def _runs_row(run: NamingRun, summary: dict) -> dict:
-    prov = run.sae.cfg.provenance
     metrics_path = Path(run.cfg.sae).parent / "metrics.json"
     metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
-    return {"sae_id": run.sae_id, "backbone": prov.get("backbone"), "layer": run.layer, "tokens": run.tokens,
-            "d_in": run.sae.cfg.d_in, "d_sae": run.sae.cfg.d_sae, "activation": run.sae.cfg.activation,
-            "k": run.sae.cfg.k, "val_fvu": metrics.get("val_fvu"), "val_explained_variance": metrics.get("val_explained_variance"),
-            "val_l0": metrics.get("val_l0"), "val_dead_fraction": metrics.get("val_dead_fraction"),
-            "n_train_rows": metrics.get("n_train_rows", prov.get("n_train_rows")),
-            "provenance_json": json.dumps(prov, sort_keys=True), "evaluation_json": json.dumps(summary, sort_keys=True)}
-
-
-# ================================================================================================ the merge step
-def results_markdown(summary: dict) -> str:
-    """The comparison tables of a run as markdown (for the dataset card and docs/naming.md)."""
-    thr = summary["threshold"]
-    n_all = summary["table_all"][0]["n"] if summary["table_all"] else 0
-    out = [f"## CoSy: methods compared ({summary['aggregation']})", "", f"All {n_all} evaluated features:", "",
-           comparison_markdown(summary["table_all"], thr)]
-    if summary["table_gemma_subset"]:
-        out += [f"The {summary['table_gemma_subset'][0]['n']} features also named with Gemma-3-270M:", "",
-                comparison_markdown(summary["table_gemma_subset"], thr)]
-    if summary.get("paired"):
-        out += ["Paired differences in held-out AUC (same features; 95 % bootstrap interval of the mean over features):", "",
-                "| a − b | n | mean | 95 % interval | a better | a worse |", "|---|---|---|---|---|---|"]
-        out += [f"| {p['a']} − {p['b']} | {p['n']} | {p['mean']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
-                f"{p['share_a_better']:.0%} | {p['share_a_worse']:.0%} |" for p in summary["paired"]]
-        out.append("")
-    if summary.get("mils_ablation"):
-        out += ["Where the MILS names' held-out AUC comes from (same CoSy protocol): the best seed prompt (top-image hints and "
-                "vocabulary words, before any proposal), the best prompt after the loop, the summarised name:", "",
-                "| loop | best seed prompt | best loop prompt | name |", "|---|---|---|---|"]
-        for m, a in summary["mils_ablation"].items():
-            out.append(f"| {m} | " + " | ".join(f"{a[k]['auc_mean']:.3f} ± {a[k]['auc_std']:.3f} ({a[k]['share_ge_threshold']:.0%} "
-                                               f"≥ {thr:g})" for k in ("seed_best", "loop_best", "name")) + " |")
-        out.append("")
-    out.append("`wins`: share of features where the method has the highest held-out AUC (ties split). Published names "
-               f"(AUC ≥ {thr:g}) by method: " + ", ".join(f"{m} {n}" for m, n in summary["published_by_method"].items())
-               + f"; unnamed {summary['n_features_named'] - summary['n_published']}.")
-    return "\n".join(out) + "\n"
-
-
-def results_card(summary: dict) -> str:
-    """README.md of the results dataset: front matter with `configs:` per table, then how it was made and evaluated."""
-    from nacosae.results import dataset_card
-
-    ms, ev = summary["ms"], summary["eval"]
-    body = f"""# nacosae: named SAE features of {summary['sae_id']}
-
-Features of a sparse autoencoder (SAE) on `{summary['sae_id']}`, named with a MILS-style loop and baselines, each name
-scored by CoSy on held-out images, with the Monosemanticity Score (MS) of every feature. Made with nacosae
-(`hub_scripts/run_naming_offline.py`); the columns are described in nacosae's `docs/RESULTS_SCHEMA.md`.
-
-```python
-from datasets import load_dataset
-features = load_dataset("<this repo>", "features", split="train")
-images = load_dataset("<this repo>", "images", split="train")   # image_id → picture
-```
-
-## How names were evaluated
-- Generator: {ev['generator']} (no text-to-image model ships offline). The bank was split by image (seed
-  {ev['bank_split_seed']}): the naming loop searched {ev['bank_search_images']} images; CoSy renders came from the other
-  {ev['bank_eval_images']}, at ranks the loop never used ({ev['renders_per_name']} per name).
-- Control: {ev['n_control']} images, a {ev['control']}.
-- Image-level activation: {summary['aggregation']}.
-- A name is published (`name`) only when its held-out CoSy AUC ≥ {summary['threshold']:g}; otherwise `unnamed`.
-  {summary['n_published']} of {summary['n_features_named']} named features cleared it.
-- `vocab` (Discover-then-Name): {summary['vocab']}
-
-{results_markdown(summary)}
-## Monosemanticity Score
-Encoder `{ms['encoder']}` over {ms['n_images']} probe images. Caveat: {ms['caveat']}.
-Mean MS: SAE features (alive) {ms['sae_alive']['mean']:.3f}, named features {ms['sae_named']['mean']:.3f}, raw channels
-of the layer {ms['raw_channels']['mean']:.3f}; a feature that ignored the images (equal weights: the mean cosine over
-all pairs) would score {ms['uniform_weights_ms']:.3f}.
-
-## Licence
-Images: Open Clip Art Library (public domain) and scikit-image sample images (see scikit-image's data licences).
-Names, scores and statistics: Apache-2.0, like nacosae.
-"""
-    return dataset_card(body, extra_yaml="license: other\ntags:\n- sparse-autoencoder\n- interpretability\n- feature-naming",
-                        section_name=f"protocol {summary['sae_id']}")  # a named section: publishing keeps it
+    return rows, images, [runs_row(run.sae_id, run.sae.cfg.to_dict(), metrics, summary)], summary
 
 
 def missing_work(run: NamingRun) -> list[str]:

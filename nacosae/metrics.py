@@ -8,7 +8,8 @@ Sums that run over many rows accumulate in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,8 @@ __all__ = [
     "cosy_scores_batched",
     "monosemanticity_score",
     "monosemanticity_score_pairwise",
+    "ms_summary",
+    "monosemanticity_report",
 ]
 
 
@@ -341,3 +344,34 @@ def random_set_purity(labels_N, set_size: int = 16, n_sets: int = 1000, seed: in
         raise ValueError(f"need at least {set_size} labelled images, got {len(idx)}")
     sets = np.stack([rng.choice(idx, set_size, replace=False) for _ in range(n_sets)])
     return float(np.nanmean(label_purity(sets, labels_N)))
+
+
+def ms_summary(ms: Tensor) -> dict[str, float]:
+    """n, NaN count, mean, median, max and share ≥ 0.5 of the finite MS values in `ms` (NaN: dead/constant features)."""
+    ms = torch.as_tensor(ms, dtype=torch.float64)
+    ok = ms[~torch.isnan(ms)]
+    if not len(ok):
+        return {"n": 0, "n_nan": int(ms.numel()), "mean": math.nan, "median": math.nan, "max": math.nan}
+    return {"n": len(ok), "n_nan": int(ms.numel() - len(ok)), "mean": float(ok.mean()), "median": float(ok.median()),
+            "max": float(ok.max()), "share_ge_0.5": float((ok >= 0.5).double().mean())}
+
+
+def monosemanticity_report(acts_NS: Tensor, raw_ND: Tensor, emb_NE: Tensor, alive_S: Tensor | None = None,
+                           named: Sequence[int] = ()) -> dict[str, Any]:
+    """MS (METHODS §4.2) of SAE features and of the layer's raw channels on the same N images and embeddings.
+
+    Also the MS a feature would get with equal weights on every image (the mean cosine over all pairs): the level of a
+    feature that ignores what is in the images; MS is only informative above it. NaN (dead/constant) → None in lists.
+    """
+    ms_S = monosemanticity_score(acts_NS, emb_NE)
+    ms_raw_D = monosemanticity_score(raw_ND, emb_NE)
+    n = emb_NE.shape[0]
+    unit_NE = emb_NE.double() / emb_NE.double().norm(dim=1, keepdim=True)
+    uniform = float((unit_NE.sum(0).pow(2).sum() - n) / (n * n - n))
+    alive_S = torch.ones(ms_S.shape[0], dtype=torch.bool) if alive_S is None else torch.as_tensor(alive_S, dtype=torch.bool)
+    return {"ms_S": [None if math.isnan(v) else v for v in ms_S.tolist()],
+            "ms_raw_D": [None if math.isnan(v) else v for v in ms_raw_D.tolist()],
+            "summary_sae_alive": ms_summary(ms_S[alive_S]),
+            "summary_sae_named": ms_summary(ms_S[list(named)]) if len(named) else ms_summary(torch.tensor([])),
+            "summary_raw": ms_summary(ms_raw_D), "uniform_weights_ms": uniform}
+

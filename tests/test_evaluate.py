@@ -11,26 +11,26 @@ import torch
 from PIL import Image
 
 from nacosae.evaluate import (
-    REF_KEY,
-    ImageActivationTable,
     NamingRunConfig,
-    TableScorer,
     ThumbnailBank,
-    comparison_markdown,
-    comparison_table,
     cosy_for_name,
     load_thumbnail,
-    monosemanticity_report,
-    plot_auc_distributions,
-    plot_mils_scores,
-    plot_ms,
     publish,
     select_features,
     split_bank,
 )
+from nacosae.metrics import monosemanticity_report
 from nacosae.naming.generators import DescribedImageBank, RetrievalGenerator, TextEmbedder
 from nacosae.naming.mils import MILSConfig, new_state, run_mils
 from nacosae.naming.proposers import ScriptedProposer
+from nacosae.naming.report import (
+    comparison_table,
+    method_table_markdown,
+    plot_auc_distributions,
+    plot_mils_scores,
+    plot_ms,
+)
+from nacosae.naming.scorer import REF_KEY, ImageActivationTable, TableScorer
 from nacosae.naming.vocab import OPENCLIPART_DIR
 
 pytestmark = pytest.mark.skipif(not OPENCLIPART_DIR.is_dir(), reason="Debian openclipart-png not installed")
@@ -182,7 +182,7 @@ def test_comparison_table_statistics_and_win_shares():
     assert b["mad_mean"] == pytest.approx(2 / 3)
     assert a["win_share"] == pytest.approx(0.5) and b["win_share"] == pytest.approx(0.5)  # a, tie, b
     assert a["share_auc_ge_threshold"] == pytest.approx(2 / 3) and b["share_auc_ge_threshold"] == pytest.approx(2 / 3)
-    md = comparison_markdown([a, b], 0.6)
+    md = method_table_markdown([a, b], 0.6)
     assert "| a | 3 | 0.600 ± 0.300 |" in md and "AUC ≥ 0.6" in md
     assert comparison_table(rows[3:], ["a", "b"], 0.6) == []
 
@@ -223,7 +223,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_paired_difference_with_bootstrap_interval():
-    from nacosae.evaluate import paired_difference
+    from nacosae.naming.report import paired_difference
 
     rows = [{"cosy_auc_a": 0.9, "cosy_auc_b": 0.5}, {"cosy_auc_a": 0.7, "cosy_auc_b": 0.6},
             {"cosy_auc_a": 0.4, "cosy_auc_b": 0.6}, {"cosy_auc_a": 0.8, "cosy_auc_b": None}]

@@ -16,7 +16,6 @@ from PIL import Image
 
 from nacosae.backbones import load_backbone
 from nacosae.evaluate import (
-    ImageActivationTable,
     NamingRun,
     NamingRunConfig,
     assemble_results,
@@ -28,7 +27,7 @@ from nacosae.extract import extract
 from nacosae.features import FeatureStatsConfig, compute_feature_stats
 from nacosae.images import ImageRecord, ImageSource, load_rgb
 from nacosae.naming.mils import MILSState, run_mils
-from nacosae.naming.scorer import FeatureScorer
+from nacosae.naming.scorer import FeatureScorer, ImageActivationTable
 from nacosae.naming.vocab import OPENCLIPART_DIR
 from nacosae.results import load_results
 from nacosae.sae import SAE, SAEConfig
