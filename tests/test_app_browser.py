@@ -8,11 +8,7 @@ Needs Debian `chromium` and the Python package `playwright` (never `playwright i
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,43 +25,17 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
+    from conftest import running_app
+
     # offline, as here: the configured Hub repos fail fast and the app must fall back to the bundled demo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "NACOSAE_SAE_REPO": "", "NACOSAE_RESULTS_REPO": "",
            "NACOSAE_NAMING_MAX_BANK": os.environ.get("NACOSAE_NAMING_MAX_BANK", "600")}  # a bank subset: its pool in seconds
     env.pop("NACOSAE_SAE_REPO"), env.pop("NACOSAE_RESULTS_REPO"), env.pop("NACOSAE_DEMO", None)
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with running_app([], ROOT, env, tmp_path_factory.mktemp("app") / "app.log", timeout_s=90) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-2000:])
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,6 @@ whole test within a few minutes on a busy 2-core machine. Also through the real 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -31,40 +28,14 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """`python app.py --demo` on a free local port; its log is printed when the module's tests end."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
+    from conftest import running_app
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "app.py", "--demo", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                                env=env, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with running_app(["--demo"], ROOT, env, tmp_path_factory.mktemp("app") / "app.log") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-2000:])
 
 
 def visitor_images(folder: Path, n: int = N_CLIENTS) -> list[Path]:

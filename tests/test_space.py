@@ -12,11 +12,8 @@ import importlib.metadata as md
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import weakref
 from pathlib import Path
 
@@ -25,12 +22,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SID = "efficientnet-lite0/blocks.14"
 MAX_BANK = "600"  # a seeded family subset of the naming bank: its pool is encoded in seconds, not minutes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +42,10 @@ def _env(**extra) -> dict:
 @pytest.fixture(scope="module")
 def served(space, tmp_path_factory):
     """`python app.py` in the assembled folder, as the Space starts it; (url, seconds until it answered HTTP)."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "app.log"
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=space,
-                                env=_env(), stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.perf_counter() - t0 > 180:
-                    pytest.fail(f"the assembled Space did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url, time.perf_counter() - t0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        print(log.read_text()[-3000:])
+    from conftest import running_app
+
+    with running_app([], space, _env(), tmp_path_factory.mktemp("log") / "app.log", timeout_s=180) as served_:
+        yield served_
 
 
 def test_the_space_folder_is_complete_and_imports_its_own_copy(space):

@@ -363,7 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from nacosae.cli import add_dataclass_args, dataclass_from_args
-    from nacosae.layout import RunLayout
     from nacosae.results import CARD, carried_sections, read_results_folder
     from nacosae.sae import SAE
 
@@ -395,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prov = sae.cfg.provenance or {}
     layer, tokens = prov.get("layer"), prov.get("tokens")
     if not layer or not tokens:
-        raise ValueError(f"the SAE's config.json has no provenance layer/tokens, so nacosae cannot tell which activations "
+        raise ValueError("the SAE's config.json has no provenance layer/tokens, so nacosae cannot tell which activations "
                          "it reads: write it again with `nacosae import THEIR_SAE --backbone ... --layer ... --tokens ... --out ...`")
     sae_id = args.sae_id or f"{prov.get('backbone')}/{layer}".replace(":", "_")
     base = read_results_folder(args.base_results) if args.base_results else None  # a bad folder fails before the work
