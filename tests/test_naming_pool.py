@@ -239,7 +239,8 @@ def test_nacosae_name_end_to_end_on_the_demo_sae(tmp_path):
     args = ["--sae", "demo/sae/efficientnet-lite0/blocks.14", "--out", str(out), "--max-bank", "250", "--n-rounds", "1",
             "--per-feature-mils", "2", "--n-controls", "20", "--n-images", "3", "--n-eval-images", "3", "--quiet"]
     assert main(args) == 0
-    ds = datasets.load_dataset(str(out), split="train")  # the default config is `features`
+    # the default config is `features`; a fresh cache: `datasets` keys a local folder's cache by its name and files
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 1536
     rows = ds.to_list()
     for r in rows:
