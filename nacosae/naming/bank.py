@@ -211,7 +211,7 @@ def _clean_folder(name: str) -> str:
     return " ".join(t for t in name.split() if t not in _FILESYSTEM_WORDS and not t.isdigit() and t != "theme")
 
 
-def openclipart_description(rel_path: str | Path) -> tuple[str, tuple[str, ...]]:
+def openclipart_description(rel_path: str | Path, folder_fallback: bool = True) -> tuple[str, tuple[str, ...]]:
     """(description, keywords) of an Open Clip Art picture from its path below the root.
 
     `animals/mammals/big_cats/lion_roaring_john_doe_01.png` → ("lion roaring", ("lion", "roaring")); a file name with
@@ -221,7 +221,7 @@ def openclipart_description(rel_path: str | Path) -> tuple[str, tuple[str, ...]]
     allowed = english_words()
     words = [w for w in describe_openclipart(parts[-1]).split() if w in allowed]
     words = list(dict.fromkeys(words))
-    if words:
+    if words or not folder_fallback:
         return " ".join(words), tuple(words)
     for folder in reversed(parts[:-1]):
         name = _clean_folder(folder)

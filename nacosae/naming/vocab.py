@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from nacosae.images import OPENCLIPART_ROOT
+
 DATA_DIR = Path(__file__).parent / "data"
 WORDNET_DIR = Path("/usr/share/wordnet")
-OPENCLIPART_DIR = Path("/usr/share/openclipart/png")
+OPENCLIPART_DIR = Path(OPENCLIPART_ROOT)  # the root is owned by nacosae.images
 SOURCES = ("wordnet", "imagenet", "openclipart", "attributes")
 
 # WordNet noun lexicographer files whose members are things one can see (lexnames(5WN)).
@@ -193,22 +195,17 @@ def load_vocabulary(sources: tuple[str, ...] = SOURCES) -> ConceptVocabulary:
 
 
 def openclipart_bank_description(rel_path: str | Path) -> str:
-    """A description of an Open Clip Art image from its path: file-name words, then the folders, most specific first.
+    """The per-feature pipeline's retrieval text for an Open Clip Art image: its English file-name words (the one
+    description function, `nacosae.naming.bank.openclipart_description`), then its folders, most specific first.
 
-    `animals/mammals/big_cats/lion_roaring_john_doe_01.png` → "lion roaring; big cats, mammals, animals". Author names,
-    non-English and truncated words are dropped (only words in `openclipart_filename_words.txt` are kept).
+    `animals/mammals/big_cats/lion_roaring_john_doe_01.png` → "lion roaring; big cats, mammals, animals".
     """
+    from nacosae.naming.bank import openclipart_description
+
     parts = Path(rel_path).parts
     folders = [_clean_folder(p) for p in reversed(parts[:-1]) if p.lower() not in _NOISE_FOLDERS]
     folders = [f for f in dict.fromkeys(folders) if f]
-    allowed = openclipart_filename_words()
-    tokens = _filename_tokens(parts[-1])
-    # "velocette_frank_warttig": an English first name just before a non-English surname at the end is the author
-    if len(tokens) >= 3 and tokens[-1] not in allowed:
-        tokens = tokens[:-2]
-    words = [t for t in tokens if t in allowed]
-    words = list(dict.fromkeys(words))
-    head = " ".join(words)
+    head = openclipart_description(rel_path, folder_fallback=False)[0]
     tail = ", ".join(folders)
     return f"{head}; {tail}" if head and tail else (head or tail or "clip art")
 
