@@ -26,7 +26,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from nacosae.io import atomic_write_json
 from nacosae.naming.bank import SPLITS
 from nacosae.naming.engine import EngineConfig, MethodResult, NamingEngine, paired_bootstrap
 from nacosae.naming.pool import RenderPool, render_id, sae_fingerprint
-from nacosae.naming.run import DENSE_FREQUENCY, NamingOutput, encode_fn, feature_hints, feature_rows
+from nacosae.naming.run import DENSE_FREQUENCY, NamingOutput, encode_fn, feature_hints, feature_rows, method_table
 
 SPLIT_SEEDS: dict[str, range] = {"search": range(0, 10_000), "select": range(10_000, 20_000), "eval": range(20_000, 30_000)}
 """Default seed ranges per split: disjoint, so no eval render is ever made for search or selection."""
@@ -216,19 +215,6 @@ class _CountingBatchProposer(_CountingProposer):
         return self._timed(self.inner.propose_many, requests)
 
 
-def _method_table(results: dict[str, MethodResult], live: Sequence[int], threshold: float) -> list[dict[str, Any]]:
-    table = []
-    for m, res in results.items():
-        a = np.array([res.auc[j] for j in live if j in res.auc])
-        d = np.array([res.mad[j] for j in live if j in res.mad])
-        table.append({"method": m, "n": int(a.size), "auc_mean": float(a.mean()) if a.size else None,
-                      "auc_std": float(a.std()) if a.size else None, "mad_mean": float(d.mean()) if d.size else None,
-                      "mad_std": float(d.std()) if d.size else None,
-                      "share_auc_ge_threshold": float((a >= threshold).mean()) if a.size else None,
-                      "renders_per_feature": (float(np.mean(list(res.renders.values()))) if res.renders else None)})
-    return table
-
-
 def name_features_generated(sae, backbone, layer: str, tokens: str, generator, proposer, controls, work_dir,
                             cfg: EngineConfig = EngineConfig(), *, seeds_by_split: Mapping[str, Sequence[int]] | None = None,
                             seed_prompts: Sequence[str] | None = None, vocabulary: Sequence[str] | None = None,
@@ -329,7 +315,7 @@ def name_features_generated(sae, backbone, layer: str, tokens: str, generator, p
         "n_controls": len(ctrl_rows), "skipped_controls": renderer.skipped_controls,
         "seeds_by_split": {s: [v[0], v[-1], len(v)] for s, v in renderer.seeds_by_split.items()},
         "n_seed_prompts": len(seed_prompts),
-        "table": _method_table(results, live, cfg.threshold), "paired": pairs,
+        "table": method_table(results, live, cfg.threshold), "paired": pairs,
         "loop_gain_over_seeds": pairs["pool_mils - seeds"],
         "mean_auc_all_live": float(all_live.mean()) if all_live.size else None,
         "n_features": len(all_feats), "n_dead": len(dead & set(all_feats)), "n_dense": len(dense & set(all_feats)),

@@ -198,10 +198,9 @@ def feature_rows(features: Sequence[int], results: dict[str, MethodResult], dead
     return rows
 
 
-def summarise(rows, results: dict[str, MethodResult], live: Sequence[int], cfg: EngineConfig, bank: Bank,
-              pool: RenderPool) -> dict[str, Any]:
-    """The comparison table (every method over the features it ran on), paired intervals, the loop's gain over its
-    best seed prompt, renders per feature, and the emoji keyword check."""
+def method_table(results: dict[str, MethodResult], live: Sequence[int], threshold: float) -> list[dict[str, Any]]:
+    """Per method over the live features it ran on: n, held-out CoSy AUC and MAD (mean, std), share at AUC ≥
+    threshold, renders per feature."""
     table = []
     for m, res in results.items():
         a = np.array([res.auc[j] for j in live if j in res.auc])
@@ -209,9 +208,16 @@ def summarise(rows, results: dict[str, MethodResult], live: Sequence[int], cfg: 
         table.append({"method": m, "n": int(a.size), "auc_mean": float(a.mean()) if a.size else None,
                       "auc_std": float(a.std()) if a.size else None, "mad_mean": float(d.mean()) if d.size else None,
                       "mad_std": float(d.std()) if d.size else None,
-                      "share_auc_ge_threshold": float((a >= cfg.threshold).mean()) if a.size else None,
-                      "renders_per_feature": (float(np.mean([res.renders[j] for j in res.renders]))
-                                              if res.renders else None)})
+                      "share_auc_ge_threshold": float((a >= threshold).mean()) if a.size else None,
+                      "renders_per_feature": float(np.mean(list(res.renders.values()))) if res.renders else None})
+    return table
+
+
+def summarise(rows, results: dict[str, MethodResult], live: Sequence[int], cfg: EngineConfig, bank: Bank,
+              pool: RenderPool) -> dict[str, Any]:
+    """The comparison table (every method over the features it ran on), paired intervals, the loop's gain over its
+    best seed prompt, renders per feature, and the emoji keyword check."""
+    table = method_table(results, live, cfg.threshold)
     pm = results["pool_mils"]
     # every live feature counts: its chosen name's held-out AUC, named or not
     all_live = np.array([pm.auc.get(j, 0.5) for j in live])
