@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--run", default="runs/offline_default", help="offline-default run folder (default: %(default)s)")
     ap.add_argument("--layer", default="blocks.14", help="which of its SAEs (default: %(default)s)")
     ap.add_argument("--results", default=None, help="results dataset folder (RESULTS_SCHEMA layout); default: "
-                    "runs/results/<layer> when it exists, else stats only")
+                    "RUN/results/<layer> when it exists, else stats only")
     ap.add_argument("--out", default="demo", help="output folder (default: %(default)s)")
     ap.add_argument("--sae", default=None, help="the SAE folder, when the run folder has none (default: RUN/sae/LAYER/sae)")
     ap.add_argument("--top-n", type=int, default=9, help="top images kept per feature (default: %(default)s)")
@@ -62,24 +62,27 @@ def main(argv=None):
     )
 
     run, out = Path(args.run), Path(args.out)
-    entry = load_sae_entry(Path(args.sae) if args.sae else run / "sae" / args.layer / "sae")
+    from nacosae.layout import RunLayout
+
+    layout = RunLayout(run)
+    entry = load_sae_entry(Path(args.sae) if args.sae else layout.sae_weights(args.layer))
     publish_saes([entry], defaults["sae_repo"], local_dir=out / "sae", results_repo=defaults["results_repo"])
-    results = Path(args.results) if args.results else Path("runs/results") / args.layer
+    results = Path(args.results) if args.results else layout.results(args.layer)
     has_results = results.is_dir() and any((results / "data").glob("*/*.parquet"))
     if args.results and not has_results:
         sys.exit(f"--results {results} has no data/<table>/*.parquet (see docs/RESULTS_SCHEMA.md)")
-    if not (run / "stats" / args.layer).is_dir():
+    if not layout.stats(args.layer).is_dir():
         # no run folder: a complete results dataset (every feature row with its statistics, e.g. `nacosae name
         # --base-results demo/results`) is the whole input
         if not has_results:
-            sys.exit(f"neither {run / 'stats' / args.layer} nor a results dataset: give --run or --results")
+            sys.exit(f"neither {layout.stats(args.layer)} nor a results dataset: give --run or --results")
         tables = read_results_folder(results)
         card = results / CARD
         carried = carried_sections(card.read_text(encoding="utf-8") if card.is_file() else None, [entry.sae_id])
         return _write(tables, carried, args, defaults, out)
     # every feature from the statistics (names: top label only); the results' rows, where there are any, replace them
-    stats = FeatureStats.load(run / "stats" / args.layer)
-    store_images = [json.loads(line) for line in (run / "acts" / args.layer / "images.jsonl").read_text().splitlines() if line]
+    stats = FeatureStats.load(layout.stats(args.layer))
+    store_images = [json.loads(line) for line in (layout.acts(args.layer) / "images.jsonl").read_text().splitlines() if line]
     T = stats.tokens_per_image
     side = math.isqrt(T)
     if side * side != T:
