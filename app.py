@@ -116,7 +116,8 @@ def gpu_device() -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=os.environ.get("NACOSAE_PROG"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae-repo", default=os.environ.get("NACOSAE_SAE_REPO", DEFAULTS["sae_repo"]),
                     help="SAE model repo id or local folder (env NACOSAE_SAE_REPO; default: %(default)s)")
     ap.add_argument("--results-repo", default=os.environ.get("NACOSAE_RESULTS_REPO", DEFAULTS["results_repo"]),
@@ -124,8 +125,10 @@ def parse_args(argv):
     ap.add_argument("--revision", default=os.environ.get("NACOSAE_REVISION"), help="Hub revision of both repos")
     ap.add_argument("--demo", action="store_true", default=os.environ.get("NACOSAE_DEMO") == "1",
                     help="serve the bundled demo without trying the repos (env NACOSAE_DEMO=1)")
-    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                    help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for every interface)")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                    help="port to serve on (default: $GRADIO_SERVER_PORT or 7860)")
     return ap.parse_args(argv)
 
 

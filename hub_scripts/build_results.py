@@ -32,7 +32,7 @@ def main(argv=None):
     ap.add_argument("--allow-partial", action="store_true", help="build even if some names or evaluations are missing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     ap.add_argument("--thumb-dir", default=None, help="thumbnail cache (default: $NACOSAE_CACHE/thumbnails)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = NamingRun(load_run_config(args.work), args.work, progress=not args.no_progress, thumb_dir=args.thumb_dir)

@@ -29,7 +29,7 @@ def main(argv=None):
     ap.add_argument("--no-ms", action="store_true", help="skip the Monosemanticity Score")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     ap.add_argument("--thumb-dir", default=None, help="thumbnail cache (default: $NACOSAE_CACHE/thumbnails)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rank, world = resolve_rank()

@@ -36,7 +36,7 @@ def main(argv=None):
                     help="take every setting from WORK/setup.json (the --sae/--stats/--store options are then not needed)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
     ap.add_argument("--thumb-dir", default=None, help="thumbnail cache (default: $NACOSAE_CACHE/thumbnails)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = ap.add_argument_group("run settings (NamingRunConfig; fixed once the work folder exists)")
     add_config_arguments(group)
     args = ap.parse_args(argv)

@@ -33,7 +33,7 @@ def main(argv=None):
     ap.add_argument("--sae-repo", default=defaults["sae_repo"], help="model repo the card links (default: %(default)s)")
     ap.add_argument("--local-dir", default=None, help="write the repo layout here instead of uploading")
     ap.add_argument("--rows-per-shard", type=int, default=None, help="split tables into parquet shards of this many rows")
-    ap.add_argument("--private", action="store_true")
+    ap.add_argument("--private", action="store_true", help="create the Hub dataset repo private")
     ap.add_argument("--dry-run", action="store_true", help="validate and stage only")
     args = ap.parse_args(argv)
     if bool(args.results) == bool(args.from_stats):

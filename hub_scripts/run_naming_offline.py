@@ -72,7 +72,7 @@ def main(argv=None):
     ap.add_argument("--wait", action="store_true", help="wait (checking every 60 s) until the SAE and its stats exist")
     ap.add_argument("--wait-timeout", type=float, default=4 * 3600, help="seconds to wait at most (default: %(default)s)")
     ap.add_argument("--thumb-dir", default=None, help="thumbnail cache (default: $NACOSAE_CACHE/thumbnails)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = ap.add_argument_group("run settings (NamingRunConfig); --sae/--stats/--store default to the RUN folder")
     add_config_arguments(group)
     args = ap.parse_args(argv)

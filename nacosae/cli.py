@@ -195,6 +195,8 @@ def _resolve(target: str, stage: str):
                          f"have ({file} is missing): clone the repository and `pip install -e .` there")
     if not func:  # a script that reads sys.argv and runs under __main__ (app.py)
         def run_as_main(argv):
+            # runpy sets argv[0] to the file's path: the script reads its usage name from NACOSAE_PROG instead
+            os.environ["NACOSAE_PROG"] = sys.argv[0]
             runpy.run_path(str(file), run_name="__main__")
             return 0
 
