@@ -110,8 +110,12 @@ def name_layer(run: RunLayout, layer: str, sae, backbone, store, stats, metrics:
     config = json.loads((run.sae_weights(layer) / "config.json").read_text())
     grid = int(round(store.tokens_per_image ** 0.5))  # EfficientNet maps are square (7×7)
     base = tables_from_stats(stats, store.images, config, metrics, sae_id, grid_hw=(grid, grid), top_n=16)
-    out = name_every_feature(sae, backbone, layer, "spatial", run.naming(layer), cfg=EngineConfig(seed=args.seed),
-                             n_per_feature_mils=0 if args.quick else 48)
+    from nacosae.naming.bank import offline_bank
+
+    # --quick: a seeded family subset of the bank, so the smoke run encodes ~1,200 pictures, not 8,527
+    bank = offline_bank(max_items=1200 if args.quick else None, seed=args.seed)
+    out = name_every_feature(sae, backbone, layer, "spatial", run.naming(layer), bank=bank,
+                             cfg=EngineConfig(seed=args.seed), n_per_feature_mils=0 if args.quick else 48)
     write_naming_results(out, sae_id, config, metrics, run.results(layer), base, figures_dir=run.naming(layer))
     return {"naming_mean_auc_all_live": out.summary["mean_auc_all_live"], "naming_n_named": out.summary["n_named"],
             "naming_n_live": out.summary["n_live"]}
