@@ -390,7 +390,8 @@ class NamingEngine:
                 own[j].extend(fresh)
                 renders[j] += len(fresh) * cfg.n_images if not shared else 0
                 new.extend(fresh)
-            new = [p for p in dict.fromkeys(new) if p not in set(all_prompts)]
+            known = set(all_prompts)
+            new = [p for p in dict.fromkeys(new) if p not in known]
             n_rendered_shared += len(new) * cfg.n_images
             all_prompts.extend(new)
             self.score(new, "search")
