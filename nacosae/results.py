@@ -61,6 +61,9 @@ IMAGE_SPLITS = ("search", "select", "eval", "control")
 """Which part of the naming protocol an image belongs to (null: none, e.g. a probe image shown as a top image)."""
 UNNAMED = "unnamed"
 UNNAMED_REASONS = ("dead", "dense", "below_threshold")
+NAMING_OUTCOME = ("name", "name_method", "unnamed_reason", "candidate_name", "name_split_score", "name_cosy_auc",
+                  "name_cosy_mad")
+"""The columns that say what naming decided for a feature: taken together from one source when tables are overlaid."""
 """Why a feature is `unnamed`: it never fires, it fires on most images, or its chosen name's held-out CoSy AUC is
 below the threshold."""
 MAX_IMAGE_SIDE = 224
@@ -897,8 +900,9 @@ def overlay_results(base: dict[str, pa.Table], extra: dict[str, pa.Table]) -> di
         if t == "features":
             by_key = {key(r): r for r in base_rows}
             for r in rows:  # keep the base's values (e.g. name_top_label) where the extra row has none
+                named_here = r.get("name") is not None  # then its naming outcome is one block: a null means "none"
                 for c, v in by_key.get(key(r), {}).items():
-                    if r.get(c) is None:
+                    if r.get(c) is None and not (named_here and c in NAMING_OUTCOME):
                         r[c] = v
         return pa.Table.from_pylist(rows, schema=arrow_schema(t))
 

@@ -338,3 +338,26 @@ def test_load_results_never_serves_a_stale_build(tmp_path):
     rows[1].update(name="dog", name_method="pool_mils")
     write_results(out, rows, [], runs)
     assert [r["name"] for r in load_results(out)] == ["unnamed", "dog", "unnamed"]
+
+
+def test_overlay_takes_the_naming_outcome_as_one_block():
+    """A feature the statistics call dense but naming named: the overlay must not keep the base's `dense` reason
+    beside the new name (validation refuses that row, and `make demo --quick` failed on it)."""
+    from nacosae.results import overlay_results, rows_to_table, validate_results_tables
+
+    def feature(**kw):
+        return {"sae_id": "s", "feature": 0, "image_frequency": 0.9, "token_frequency": 0.5, "mean_act": 1.0,
+                "max_act": 2.0, "aggregation": "max", "dead": False, "dense": True, "hist_edges": [], "hist_counts": [],
+                "top_image_ids": [], "top_activations": [], "top_heatmaps": [], "grid_h": 1, "grid_w": 1, **kw}
+
+    run = [{"sae_id": "s", "backbone": "b", "layer": "l", "tokens": "t", "d_in": 2, "d_sae": 1, "activation": "topk",
+            "k": 1, "val_fvu": 0.1, "val_explained_variance": 0.9, "val_l0": 1.0, "val_dead_fraction": 0.0,
+            "n_train_rows": 10, "provenance_json": "{}"}]
+    base = {"features": rows_to_table("features", [feature(name="unnamed", unnamed_reason="dense", name_top_label="x")]),
+            "images": rows_to_table("images", []), "runs": rows_to_table("runs", run)}
+    extra = {"features": rows_to_table("features", [feature(name="dog", name_method="pool_mils", name_cosy_auc=0.8)]),
+             "images": rows_to_table("images", []), "runs": rows_to_table("runs", run)}
+    merged = overlay_results(base, extra)
+    row = merged["features"].to_pylist()[0]
+    assert row["name"] == "dog" and row["unnamed_reason"] is None and row["name_top_label"] == "x"
+    validate_results_tables(merged, check_images=False)
