@@ -122,11 +122,14 @@ def name_layer(run: RunLayout, layer: str, sae, backbone, store, stats, metrics:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = "| layer | d_in → d_sae | k | images | FVU (val) | L0 | dead | purity SAE | SAE ≥ 0.5 | purity raw | purity random |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| layer | d_in → d_sae | k | images | FVU (val) | L0 | dead | purity SAE | SAE ≥ 0.5 | purity raw | purity random "
+            "| named / live | held-out AUC (all live) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['layer']} | {r['d_in']} → {r['d_sae']} | {r['k']} | {r['n_images']} | {r['val_fvu']:.3f} | {r['val_l0']:.1f} | "
         f"{r['val_dead_fraction']:.1%} | {r['purity_sae_mean']:.2f} | {r['purity_sae_share_ge_0.5']:.0%} | {r['purity_raw_mean']:.2f} | "
-        f"{r['purity_random_mean']:.2f} |\n"
+        f"{r['purity_random_mean']:.2f} | "
+        + (f"{r['naming_n_named']} / {r['naming_n_live']} | {r['naming_mean_auc_all_live']:.3f} |\n" if "naming_n_named" in r
+           else "– | – |\n")
         for r in rows
     )
 
