@@ -117,21 +117,9 @@ def _bench_images(n: int) -> list[Path]:
     """n different PNG files: the scikit-image photos, then seeded generated ones."""
     import tempfile
 
-    import numpy as np
-    from PIL import Image
+    from nacosae.synthetic import distinct_images
 
-    from nacosae.images import SkimageSource
-
-    src = SkimageSource()
-    images = [src.load(r) for r in src.records()][:n]
-    rng = np.random.default_rng(0)
-    while len(images) < n:
-        arr = np.empty((180, 240, 3), np.uint8)
-        arr[:] = rng.integers(0, 256, 3)
-        for _ in range(5):
-            x, y, s = rng.integers(0, 200), rng.integers(0, 140), rng.integers(20, 60)
-            arr[y:y + s, x:x + s] = rng.integers(0, 256, 3)
-        images.append(Image.fromarray(arr))
+    images = distinct_images(n)
     folder = Path(tempfile.mkdtemp(prefix="bench_app_"))
     paths = []
     for i, im in enumerate(images):

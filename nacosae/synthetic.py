@@ -34,3 +34,24 @@ class PlantedDictionary:
         """For each planted direction, the best cosine with any (unit-normalised) decoder row."""
         W = W_dec_SD / W_dec_SD.norm(dim=1, keepdim=True)
         return (self.directions_ND @ W.T).max(dim=1).values
+
+
+def distinct_images(n: int, seed: int = 0) -> list:
+    """`n` different RGB PIL images: the scikit-image photos first, then seeded coloured squares on a plain colour
+    (240×180). For tests and benchmarks that need many visitors' own images."""
+    import numpy as np
+    from PIL import Image
+
+    from nacosae.images import SkimageSource
+
+    src = SkimageSource()
+    images = [src.load(r) for r in src.records()][:n]
+    rng = np.random.default_rng(seed)
+    while len(images) < n:
+        arr = np.empty((180, 240, 3), np.uint8)
+        arr[:] = rng.integers(0, 256, 3)
+        for _ in range(5):
+            x, y, s = rng.integers(0, 200), rng.integers(0, 140), rng.integers(20, 60)
+            arr[y:y + s, x:x + s] = rng.integers(0, 256, 3)
+        images.append(Image.fromarray(arr))
+    return images

@@ -40,18 +40,9 @@ def app_url(tmp_path_factory):
 
 def visitor_images(folder: Path, n: int = N_CLIENTS) -> list[Path]:
     """n different images as PNG files: the scikit-image photos, then generated ones (seeded shapes on colour)."""
-    from nacosae.images import SkimageSource
+    from nacosae.synthetic import distinct_images
 
-    src = SkimageSource()
-    images = [src.load(r) for r in src.records()][:n]
-    rng = np.random.default_rng(0)
-    while len(images) < n:
-        arr = np.empty((180, 240, 3), np.uint8)
-        arr[:] = rng.integers(0, 256, 3)
-        for _ in range(5):
-            x, y, s = rng.integers(0, 200), rng.integers(0, 140), rng.integers(20, 60)
-            arr[y:y + s, x:x + s] = rng.integers(0, 256, 3)
-        images.append(Image.fromarray(arr))
+    images = distinct_images(n)
     paths = []
     for i, im in enumerate(images):
         paths.append(folder / f"visitor-{i:02d}.png")
