@@ -8,26 +8,20 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
-from nacosae.naming.bank import SPLITS, Bank, BankItem, family_splits
+from nacosae.naming.bank import SPLITS, Bank, family_splits
 from nacosae.naming.engine import BankRetrieval, EngineConfig, NamingEngine, SplitScorer
-from nacosae.naming.pool import PoolMismatchError, RenderPool, fill_pool
+from nacosae.naming.pool import PoolMismatchError, RenderPool
+from nacosae.naming.run import bank_pool_rows
 
-CONCEPTS = ["dog", "car", "tree", "house", "apple", "guitar", "boat", "clock"]
-STYLES = ["red", "blue", "small", "big", "green", "old", "striped", "shiny", "dark", "bright", "wooden", "cartoon"]
+from conftest import CONCEPTS, planted_bank
+from conftest import WordEmbedder as _WordEmbedder
 
 
-def planted_bank() -> Bank:
-    """8 concepts × 12 styles × 3 splits: the style is the family, so every split holds every concept."""
-    items = []
-    for split_i, split in enumerate(SPLITS):
-        for c in CONCEPTS:
-            for s in STYLES:
-                items.append(BankItem(f"x/{split}/{c}/{s}", "test", f"{s} {c}", (s, c), c, f"{split}:{s}", split, ""))
-    return Bank(items)
+def WordEmbedder():  # noqa: N802 - the planted words, and three general ones the loop tests propose
+    return _WordEmbedder(extra=("animal", "vehicle", "plant"))
 
 
 def planted_pool(tmp_path, bank: Bank, d_sae: int = 12, seed: int = 0) -> RenderPool:
@@ -39,26 +33,8 @@ def planted_pool(tmp_path, bank: Bank, d_sae: int = 12, seed: int = 0) -> Render
         codes[i, c] = 1.0 + torch.rand(1, generator=g).item()
         codes[i, 8:] = torch.rand(d_sae - 8, generator=g) * (torch.rand(d_sae - 8, generator=g) > 0.5)
     pool = RenderPool.open(tmp_path / "pool", {"d_sae": d_sae, "source": bank.id})
-    pool.add([{"render_id": it.item_id, "item": it.item_id, "prompt": it.description, "seed": 0, "split": it.split}
-              for it in bank.items], codes)
+    pool.add(bank_pool_rows(bank), codes)
     return pool
-
-
-class WordEmbedder:
-    """A deterministic bag-of-words embedder (the engine's retrieval needs `encode` and `id`; MiniLM is exercised in
-    the slow end-to-end test)."""
-
-    id = "bow"
-
-    def __init__(self):
-        self.vocab = {w: i for i, w in enumerate(CONCEPTS + STYLES + ["animal", "vehicle", "plant"])}
-
-    def encode(self, texts):
-        out = torch.zeros(len(texts), len(self.vocab) + 1)
-        for i, t in enumerate(texts):
-            for w in t.split():
-                out[i, self.vocab.get(w, len(self.vocab))] += 1
-        return torch.nn.functional.normalize(out + 1e-6, dim=1)
 
 
 class RecordingRetrieval(BankRetrieval):
@@ -251,8 +227,6 @@ def test_nacosae_name_end_to_end_on_the_demo_sae(tmp_path):
             assert (r["name"] == r["candidate_name"]) == (r["name_cosy_auc"] >= 0.6)
             assert r["unnamed_reason"] in (None, "dense", "below_threshold")
     # a re-run reuses the pool: nothing is encoded again
-    from nacosae.naming.pool import RenderPool
-
     n_chunks = len(list((tmp_path / "results.naming" / "pool").glob("chunk-*")))
     assert main(args) == 0
     assert len(list((tmp_path / "results.naming" / "pool").glob("chunk-*"))) == n_chunks

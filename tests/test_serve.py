@@ -295,36 +295,7 @@ def test_bad_uploads(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ live naming
-CONCEPTS = ["dog", "car", "tree", "house", "apple", "guitar", "boat", "clock"]
-STYLES = ["red", "blue", "small", "big", "green", "old", "striped", "shiny", "dark", "bright", "wooden", "cartoon"]
-
-
-class WordEmbedder:
-    """A deterministic bag-of-words text embedder (BankRetrieval needs `encode` and `id`; MiniLM runs in the demo test)."""
-
-    id = "bow"
-
-    def __init__(self):
-        self.vocab = {w: i for i, w in enumerate(CONCEPTS + STYLES)}
-
-    def encode(self, texts):
-        out = torch.zeros(len(texts), len(self.vocab) + 1)
-        for i, t in enumerate(texts):
-            for w in t.split():
-                out[i, self.vocab.get(w, len(self.vocab))] += 1
-        return torch.nn.functional.normalize(out + 1e-6, dim=1)
-
-
-def planted_bank(folder: Path):
-    """8 concepts × 12 styles × 3 splits (tests/test_naming_pool.py): the style is the family; each picture a small
-    PNG file of its concept's colour."""
-    from nacosae.naming.bank import SPLITS, Bank, BankItem
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, c in enumerate(CONCEPTS):
-        Image.new("RGB", (16, 12), (30 * i, 255 - 30 * i, 128)).save(folder / f"{c}.png")
-    return Bank([BankItem(f"x/{split}/{c}/{s}", "openclipart", f"{s} {c}", (s, c), c, f"{split}:{s}", split,
-                          str(folder / f"{c}.png")) for split in SPLITS for c in CONCEPTS for s in STYLES])
+from conftest import CONCEPTS, WordEmbedder, planted_bank  # noqa: E402
 
 
 @pytest.fixture
