@@ -36,7 +36,7 @@ from nacosae.io import atomic_write_json
 from nacosae.naming.bank import SPLITS
 from nacosae.naming.engine import EngineConfig, MethodResult, NamingEngine, paired_bootstrap
 from nacosae.naming.pool import RenderPool, render_id, sae_fingerprint
-from nacosae.naming.run import DENSE_FREQUENCY, NamingOutput, encode_fn, feature_hints, feature_rows, method_table
+from nacosae.naming.run import DENSE_FREQUENCY, NamingOutput, encode_fn, feature_rows, features_hints, method_table
 
 SPLIT_SEEDS: dict[str, range] = {"search": range(0, 10_000), "select": range(10_000, 20_000), "eval": range(20_000, 30_000)}
 """Default seed ranges per split: disjoint, so no eval render is ever made for search or selection."""
@@ -249,7 +249,7 @@ def name_features_generated(sae, backbone, layer: str, tokens: str, generator, p
     dense = set(torch.nonzero((ctrl_CS > 0).float().mean(0) > DENSE_FREQUENCY).flatten().tolist())
     all_feats = list(features) if features is not None else list(range(sae.cfg.d_sae))
     live = [j for j in all_feats if j not in dead]
-    hints = {j: [h for h in feature_hints(None, pool, j, split=CONTROL_SPLIT) if h] for j in live}
+    hints = {j: [h for h in hs if h] for j, hs in features_hints(pool, live, split=CONTROL_SPLIT).items()}
     if vocabulary is None:
         from nacosae.naming.vocab import load_vocabulary
 

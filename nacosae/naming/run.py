@@ -60,15 +60,27 @@ def encode_fn(backbone, layer: str, tokens: str, sae, aggregation: str = "max", 
     return lambda images: scorer.activations(images, every)
 
 
-def feature_hints(bank: Bank, pool: RenderPool, feature: int, split: str = "search", n: int = N_HINTS) -> list[str]:
+def feature_hints(bank: Bank | None, pool: RenderPool, feature: int, split: str = "search", n: int = N_HINTS) -> list[str]:
     """Descriptions of the feature's top `n` pictures of a split, best first, each once: the seed hints of the naming
-    loop, offline and live (METHODS §3.1 step 1)."""
+    loop, offline and live (METHODS §3.1 step 1). `bank` is not needed (the pool rows carry the prompts)."""
+    return features_hints(pool, [feature], split, n)[feature]
+
+
+def features_hints(pool: RenderPool, features: Sequence[int], split: str = "search", n: int = N_HINTS
+                   ) -> dict[int, list[str]]:
+    """`feature_hints` for many features at once: the split's codes are read and sorted once, not once a feature.
+    Ties go to the earlier pool row (a stable sort), as for a single feature."""
     rows = pool.rows_where(split=split)
-    if not rows:
-        return []
-    acts = pool.codes(rows)[:, feature]
-    top = torch.argsort(-acts, stable=True)[:n]
-    return list(dict.fromkeys(pool.rows[rows[i]]["prompt"] for i in top.tolist() if acts[i] > 0))
+    features = list(features)
+    if not rows or not features:
+        return {j: [] for j in features}
+    acts_RF = pool.codes(rows)[:, torch.as_tensor(features, dtype=torch.long)]
+    order_RF = torch.sort(-acts_RF, dim=0, stable=True).indices[:n]
+    out = {}
+    for f, j in enumerate(features):
+        top = order_RF[:, f].tolist()
+        out[j] = list(dict.fromkeys(pool.rows[rows[i]]["prompt"] for i in top if acts_RF[i, f] > 0))
+    return out
 
 
 def bank_pool_meta(bank: Bank, sae, layer: str, tokens: str, aggregation: str = "max") -> dict[str, Any]:
@@ -126,7 +138,7 @@ def name_every_feature(sae, backbone, layer: str, tokens: str, work_dir, bank: B
     # no attribute edits offline: they win search scores with odd phrases ("scaly flag") that read badly and held
     # out no better (docs/naming.md)
     proposer = proposer if proposer is not None else VocabularyProposer(vocab, op_weights=OFFLINE_PROPOSER_OPS)
-    hints = {j: feature_hints(bank, pool, j) for j in live}
+    hints = features_hints(pool, live)
 
     timings = {}
     t = time.perf_counter()
