@@ -82,6 +82,8 @@ STAGES: dict[str, tuple[str | dict[str, str], str]] = {
                                         "CoSy, write the results dataset (resumable)"),
     "evaluate": ("hub_scripts/evaluate_names.py:main", "per-feature pipeline (name_features.py work folders): held-out "
                                                        "CoSy of its names and the Monosemanticity Score (resumable)"),
+    "ms": ("hub_scripts/ms_table.py:main", "Monosemanticity Score of an SAE's features and its layer's raw channels "
+                                            "with several image encoders side by side"),
     "build": ("hub_scripts/build_results.py:main", "per-feature pipeline: merge its work folder into a results dataset"),
     "publish": ({"sae": "hub_scripts/publish_sae.py:main", "results": "hub_scripts/publish_results.py:main"},
                 "stage and upload SAEs ('publish sae') or the results dataset ('publish results') to the Hub"),

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,48 @@ def load_thumbnail(path: str | os.PathLike, thumb_dir: str | os.PathLike | None 
         im.save(buf, format="PNG")
         atomic_write_bytes(cache, buf.getvalue())
     return im
+
+
+@torch.no_grad()
+def ms_embeddings(encoder, layer: str, images: Iterable[Image.Image], batch_size: int = 32,
+                  progress: bool = True, total: int | None = None) -> Tensor:
+    """(N, E) float32 image embeddings for the Monosemanticity Score (METHODS §4.2): `encoder` (a
+    `nacosae.backbones.Backbone`, the one `ms_encoder` chose) at `layer`, its "mean" token (the layer's average over
+    its tokens, e.g. the pooled 1280-d vector of EfficientNet), one row per image in the order given, on the CPU.
+
+    images: PIL images, any iterable (a generator decodes them lazily: only `batch_size` are held at a time); each
+    goes through `encoder.preprocess`; `total` sizes the progress bar when `images` has no len. The one owner of the MS
+    embedding: `NamingRun.monosemanticity` and `hub_scripts/ms_table.py` call it. Raises ValueError for batch_size < 1
+    or no images.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    total = len(images) if hasattr(images, "__len__") else total
+    bar = tqdm(total=total, desc="MS embeddings", unit="img", disable=not progress)
+    emb, batch = [], []
+    for img in itertools.chain(images, [None]):  # None: flush the last, partial batch
+        if img is not None:
+            batch.append(encoder.preprocess(img))
+        if batch and (img is None or len(batch) == batch_size):
+            emb.append(encoder.activations(torch.stack(batch), layer, "mean")[:, 0].float().cpu())
+            bar.update(len(batch))
+            batch = []
+    bar.close()
+    if not emb:
+        raise ValueError("ms_embeddings got no images")
+    return torch.cat(emb)
+
+
+def ms_sample(records: Sequence[dict], n_images: int, seed: int = 0) -> list[dict]:
+    """The MS images of an activation store: a seeded sample (`random.Random(seed)`) of min(n_images, #) of its
+    records that have a file path (`ActivationStore.images`; scikit-image samples have none), drawn from them in
+    image_idx order, so a run and `hub_scripts/ms_table.py` with the same seed score the same images."""
+    if n_images < 1:
+        raise ValueError(f"n_images must be ≥ 1, got {n_images}")
+    file_recs = sorted((r for r in records if r.get("path")), key=lambda r: r["image_idx"])
+    if not file_recs:
+        raise ValueError("the store holds no image with a file path to embed for the MS")
+    return random.Random(seed).sample(file_recs, min(n_images, len(file_recs)))
 
 
 @dataclass
@@ -661,14 +704,9 @@ class NamingRun:
         if path.is_file() and _read_json(path).get("encoder") == f"{spec}/{ms_layer}":
             return _read_json(path)
         encoder = self.backbone if spec == backbone_name else load_backbone(spec)
-        file_recs = sorted((r for r in self.store.images if r.get("path")), key=lambda r: r["image_idx"])
-        n = min(self.cfg.ms_images, len(file_recs))
-        recs = random.Random(self.cfg.ms_seed).sample(file_recs, n)
-        emb = []
-        for i in tqdm(range(0, n, batch_size), desc="MS embeddings", unit="batch", disable=not self.progress):
-            x = torch.stack([encoder.preprocess(self.load_probe_image(r)) for r in recs[i:i + batch_size]])
-            emb.append(encoder.activations(x, ms_layer, "mean")[:, 0].float().cpu())
-        emb_NE = torch.cat(emb)
+        recs = ms_sample(self.store.images, self.cfg.ms_images, self.cfg.ms_seed)
+        n = len(recs)
+        emb_NE = ms_embeddings(encoder, ms_layer, (self.load_probe_image(r) for r in recs), batch_size, self.progress, n)
         refs = [store_ref(r) for r in recs]
         report = monosemanticity_report(self.table.rows(refs), self.table.raw_rows(refs), emb_NE,
                                         alive_S=~self.stats.dead_S, named=self.features)
