@@ -81,20 +81,12 @@ def parse_targets(layer_flags: list[str], default_tokens: str) -> list[tuple[str
 
 
 def build_source(spec: str, args: argparse.Namespace):
-    from nacosae import images
+    from nacosae.images import source_from_spec
 
-    if "+" in spec and not spec.startswith(("folder:", "hf:")):  # e.g. openclipart+skimage: the offline default's images
-        return images.ConcatSource([build_source(part, args) for part in spec.split("+")])
-    if spec == "openclipart":
-        return images.OpenClipArtSource()
-    if spec == "skimage":
-        return images.SkimageSource()
-    if spec.startswith("folder:"):
-        return images.FolderSource(spec[len("folder:"):])
-    if spec.startswith("hf:"):
-        return images.HFDatasetSource(spec[len("hf:"):], split=args.split, image_column=args.image_column,
-                                      label_column=args.label_column)
-    raise SystemExit(f"--source {spec!r}: use openclipart, skimage, folder:PATH or hf:ID_OR_PATH")
+    try:
+        return source_from_spec(spec, split=args.split, image_column=args.image_column, label_column=args.label_column)
+    except ValueError as e:
+        raise SystemExit(f"--source: {e}") from e
 
 
 def main(argv=None) -> int:

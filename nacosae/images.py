@@ -855,6 +855,30 @@ class SubsetSource(ImageSource):
         return self.source.skipped + super().skipped
 
 
+SOURCE_SPECS = "openclipart | skimage | folder:PATH | hf:ID_OR_PATH | A+B (one after the other)"
+
+
+def source_from_spec(spec: str, *, split: str = "train", image_column: str = "image",
+                     label_column: str | None = None) -> ImageSource:
+    """The image source a `--source` value names (extraction and training from a backbone stream read it alike):
+    `openclipart` (Debian openclipart-png), `skimage` (scikit-image's sample photos), `folder:PATH` (image files,
+    label = parent folder), `hf:ID_OR_PATH` (a `datasets` dataset; `split`, `image_column`, `label_column` apply), or
+    several joined by `+` (e.g. `openclipart+skimage`, the offline default's images). Raises ValueError for another
+    spec."""
+    if "+" in spec and not spec.startswith(("folder:", "hf:")):
+        return ConcatSource([source_from_spec(part, split=split, image_column=image_column, label_column=label_column)
+                             for part in spec.split("+")])
+    if spec == "openclipart":
+        return OpenClipArtSource()
+    if spec == "skimage":
+        return SkimageSource()
+    if spec.startswith("folder:"):
+        return FolderSource(spec[len("folder:"):])
+    if spec.startswith("hf:"):
+        return HFDatasetSource(spec[len("hf:"):], split=split, image_column=image_column, label_column=label_column)
+    raise ValueError(f"unknown image source {spec!r}: use {SOURCE_SPECS}")
+
+
 def records_to_json(records: Sequence[ImageRecord]) -> list[dict]:
     """Records as plain dicts (for meta files)."""
     return [asdict(r) for r in records]

@@ -239,6 +239,17 @@ def finalize_store(out_dir: str | os.PathLike) -> bool:
 
 
 # ==================================================================== reading
+def split_images(image_idx, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train_image_idx, val_image_idx), disjoint and sorted: a seeded split of these image indices, the rule of
+    `ActivationStore.split` (and of `nacosae.stream.BackboneStream.split`, so a stream and a store of the same images
+    hold out the same ones). Raises ValueError for a val_fraction outside [0, 1)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(np.asarray(image_idx, dtype=np.int64))
+    n_val = int(round(val_fraction * len(perm)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -322,11 +333,7 @@ class ActivationStore:
 
         Pass either to `rows=` of the readers. (Deduplicate images upstream: identical copies are distinct images here.)
         """
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        perm = np.random.default_rng(seed).permutation(self.image_idx)
-        n_val = int(round(val_fraction * len(perm)))
-        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        return split_images(self.image_idx, val_fraction, seed)
 
     def _image_mask(self, rows) -> np.ndarray | None:
         """Boolean mask over global image indices for a `rows=` selection (None = every row)."""
