@@ -11,6 +11,7 @@ the backbone once, and each target has its own store with its own shard grid, pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -28,6 +29,8 @@ from nacosae.store import DTYPES, META_NAME, ActivationStore, StoreError, StoreW
 # Decoding errors that make one image unusable without saying anything about the rest of the run.
 # DecompressionBombError is not an OSError; UnidentifiedImageError is.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Mixed precision of the backbone's forward pass: None (float32) or a torch.autocast dtype.
+AUTOCAST = (None, "bfloat16")
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -176,6 +179,7 @@ def extract(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    autocast: str | None = None,
 ) -> ActivationStore | None:
     """Extract `backbone`'s activations at (`layer`, `tokens`) for every image of `source` into the store `out_dir`.
 
@@ -188,16 +192,21 @@ def extract(
     dtype: how activations are stored: 'float16' (half the disk of float32), 'bfloat16' or 'float32'.
     rank, world_size: default from torch.distributed, else env RANK / WORLD_SIZE (torchrun, accelerate), else 0 / 1.
     num_workers: DataLoader processes decoding and preprocessing images (0: in this process).
+    autocast: None (the forward in float32) or 'bfloat16': the forward runs under
+        `torch.autocast(device_type, dtype=torch.bfloat16)` (matmuls and convolutions in bf16: about 3 significant
+        digits, much faster where the hardware has bf16 units); the activations are then stored in `dtype` as usual.
+        Recorded in the store's provenance ('autocast', present only when set), so a resumed or reopened store
+        refuses a run with another autocast. Other values raise ValueError.
 
     Re-running with the same arguments resumes after the last shard written; a store made from another backbone,
-    layer, tokens, dtype or image list is an error. Unreadable images are skipped and listed in meta.json ('skipped').
+    layer, tokens, dtype, autocast or image list is an error. Unreadable images are skipped and listed in meta.json ('skipped').
     Returns the finished store; None on a rank whose peers (launched without torch.distributed) are still running,
     in which case the last rank to finish completes the store (or call `finalize_store(out_dir)`).
     Several layers at once, from one forward pass per image: `extract_many`.
     """
     return extract_many(source, backbone, [Target(layer, tokens, out_dir)], batch_size=batch_size, shard_rows=shard_rows,
                         dtype=dtype, max_images=max_images, rank=rank, world_size=world_size, num_workers=num_workers,
-                        device=device, progress=progress)[0]
+                        device=device, progress=progress, autocast=autocast)[0]
 
 
 def extract_many(
@@ -213,6 +222,7 @@ def extract_many(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    autocast: str | None = None,
 ) -> list[ActivationStore | None]:
     """`extract` for several (layer, tokens, out_dir) targets at once: each image is decoded and preprocessed once and
     runs through the backbone once (`backbone.activations_multi`, which stops after the deepest asked layer), and
@@ -221,7 +231,8 @@ def extract_many(
 
     Each store resumes on its own: a run killed between two stores' shard writes recomputes, on re-run, only the
     images some store still lacks, and a store already complete is not recomputed (so adding a layer to a finished
-    run costs the forward passes of the new layer only). Arguments as `extract`; returns one store (or None) per target.
+    run costs the forward passes of the new layer only). Arguments as `extract` (`autocast` too: the one forward of
+    every batch runs under it); returns one store (or None) per target.
     """
     import torch.distributed as dist
 
@@ -235,6 +246,7 @@ def extract_many(
         raise ValueError(f"two targets write into the same folder ({[str(d) for d in dirs]}): give each its own out_dir")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    _check_autocast(autocast)
     if batch_size <= 0 or shard_rows <= 0:
         raise ValueError(f"batch_size and shard_rows must be positive, got {batch_size}, {shard_rows}")
     if max_images is not None and max_images <= 0:
@@ -257,7 +269,10 @@ def extract_many(
     jobs, complete = [], []
     for t in targets:
         out_dir = Path(t.out_dir)
-        run = {"provenance": backbone.provenance(t.layer, t.tokens), "dtype": dtype, "n_images_total": n_images,
+        provenance = backbone.provenance(t.layer, t.tokens)
+        if autocast is not None:  # only when set: stores written before autocast existed keep their provenance
+            provenance = {**provenance, "autocast": autocast}
+        run = {"provenance": provenance, "dtype": dtype, "n_images_total": n_images,
                "source": source_id, "world_size": world_size}
         meta_path = out_dir / META_NAME
         if meta_path.exists():
@@ -281,7 +296,7 @@ def extract_many(
                                                      num_workers=num_workers)
         else:
             make_loader = lambda batches: _iterable_batches(source, backbone.preprocess, batches)  # noqa: E731
-        _extract_slice(make_loader, backbone, jobs, stop, batch_size, shard_rows, dtype, device, progress)
+        _extract_slice(make_loader, backbone, jobs, stop, batch_size, shard_rows, dtype, device, progress, autocast)
         for job in jobs:
             job.writer.mark_done(_source_skipped(source))
 
@@ -295,12 +310,28 @@ def extract_many(
     return [ActivationStore(t.out_dir) if finalize_store(t.out_dir) else None for t in targets]
 
 
-def _activations(backbone, pixels_BCHW: torch.Tensor, targets: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+def _check_autocast(autocast: str | None) -> None:
+    if autocast not in AUTOCAST:
+        raise ValueError(f"autocast must be one of {list(AUTOCAST)} (None: the forward in float32), got {autocast!r}")
+
+
+def _activations(backbone, pixels_BCHW: torch.Tensor, targets: Sequence[tuple[str, str]],
+                 autocast: str | None = None) -> list[torch.Tensor]:
     """The targets' (B, T, D) activations: one pass through `activations_multi` when the backbone has it and there
-    are several targets, else one `activations` call per target (any object with `activations` works)."""
-    if len(targets) > 1 and callable(getattr(backbone, "activations_multi", None)):
-        return backbone.activations_multi(pixels_BCHW, targets)
-    return [backbone.activations(pixels_BCHW, layer, tokens) for layer, tokens in targets]
+    are several targets, else one `activations` call per target (any object with `activations` works).
+    autocast: None, or 'bfloat16' to run the forward under `torch.autocast` on the backbone's device type (its
+    `device`, else the pixels'); the activations come back as the backbone gives them (float32 for nacosae's).
+    Raises ValueError for another autocast."""
+    _check_autocast(autocast)
+    if autocast is None:
+        context = contextlib.nullcontext()
+    else:
+        device_type = torch.device(getattr(backbone, "device", pixels_BCHW.device)).type
+        context = torch.autocast(device_type, dtype=torch.bfloat16)
+    with context:
+        if len(targets) > 1 and callable(getattr(backbone, "activations_multi", None)):
+            return backbone.activations_multi(pixels_BCHW, targets)
+        return [backbone.activations(pixels_BCHW, layer, tokens) for layer, tokens in targets]
 
 
 class _Job:
@@ -353,7 +384,7 @@ class _Job:
 
 
 def _extract_slice(make_loader, backbone, jobs: list[_Job], stop: int, batch_size: int, shard_rows: int, dtype: str,
-                   device, progress: bool) -> None:
+                   device, progress: bool, autocast: str | None = None) -> None:
     """Run this rank's remaining images through the backbone once, each batch for every store that still needs it,
     each store writing its shards as they fill."""
     jobs = [job for job in jobs if job.begin < stop]  # a store killed after its last shard only needs mark_done
@@ -370,7 +401,7 @@ def _extract_slice(make_loader, backbone, jobs: list[_Job], stop: int, batch_siz
     unknown = [job for job in jobs if not job.T]
     if unknown:
         probed = _probe_tokens(make_loader, backbone, [job.layer_tokens for job in unknown],
-                               min(job.begin for job in unknown), stop, device)
+                               min(job.begin for job in unknown), stop, device, autocast)
         for job, T in zip(unknown, probed, strict=True):
             job.T = T
     for job in jobs:
@@ -389,7 +420,7 @@ def _extract_slice(make_loader, backbone, jobs: list[_Job], stop: int, batch_siz
         for positions, batch_rows, pixels_BCHW, batch_skipped in make_loader(batches):
             live = [job for job in jobs if positions[0] >= job.begin]
             if pixels_BCHW is not None:
-                outs = _activations(backbone, pixels_BCHW.to(device), [job.layer_tokens for job in live])
+                outs = _activations(backbone, pixels_BCHW.to(device), [job.layer_tokens for job in live], autocast)
                 for job, acts_BTD in zip(live, outs, strict=True):
                     job.add(acts_BTD, positions, batch_rows, store_dtype, dtype)
             bar.update(len(positions))
@@ -406,11 +437,12 @@ def _extract_slice(make_loader, backbone, jobs: list[_Job], stop: int, batch_siz
                              "source yielded fewer images than it said")
 
 
-def _probe_tokens(make_loader, backbone, targets: list[tuple[str, str]], begin: int, stop: int, device) -> list[int]:
+def _probe_tokens(make_loader, backbone, targets: list[tuple[str, str]], begin: int, stop: int, device,
+                  autocast: str | None = None) -> list[int]:
     """Tokens per image T of each target, from the first readable image of this rank's slice (one forward pass)."""
     for i in range(begin, stop):
         for _, _, pixels_BCHW, _ in make_loader([[i]]):
             if pixels_BCHW is not None:
                 with torch.inference_mode():
-                    return [int(a.shape[1]) for a in _activations(backbone, pixels_BCHW[:1].to(device), targets)]
+                    return [int(a.shape[1]) for a in _activations(backbone, pixels_BCHW[:1].to(device), targets, autocast)]
     return [1] * len(targets)  # no readable image in the slice: every chunk is empty, so its size does not matter

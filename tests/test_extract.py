@@ -458,3 +458,51 @@ def test_efficientnet_lite2_is_the_offline_ms_encoder(effnet):
         ms_encoder("efficientnet-lite2")
     with pytest.raises(ValueError, match="choose one of"):
         ms_encoder("efficientnet-lite0", "clip")
+
+
+# ---------------------------------------------------------------- bf16 autocast of the forward
+def test_autocast_bfloat16_store_is_the_fp32_store_to_bf16_precision(images, tmp_path):
+    """The forward under bf16 autocast (the convolutions in bf16) gives the float32 store's rows to ~3 significant
+    digits, not bit for bit, and the store records it."""
+    fp32 = run(images, tmp_path / "fp32", dtype="float32")
+    bf16 = run(images, tmp_path / "bf16", dtype="float32", autocast="bfloat16")
+    assert bf16.provenance == {**fp32.provenance, "autocast": "bfloat16"} and "autocast" not in fp32.provenance
+    assert bf16.meta["dtype"] == "float32" and bf16.image_idx.tolist() == fp32.image_idx.tolist()
+    x32, _, _ = fp32.acts_for_images(fp32.image_idx)
+    x16, _, _ = bf16.acts_for_images(bf16.image_idx)
+    rel = ((x16 - x32).norm() / x32.norm()).item()
+    assert 0 < rel < 2e-2, rel  # bf16 has an 8-bit mantissa: ~4e-3 relative rounding per operand
+
+
+def test_autocast_other_than_bfloat16_is_refused(images, tmp_path):
+    from nacosae.extract import _activations
+
+    for bad in ("float16", "bf16", "none", True):
+        with pytest.raises(ValueError, match="autocast must be one of"):
+            run(images, tmp_path / "store", autocast=bad)
+    assert not (tmp_path / "store").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        _activations(tiny_backbone(), torch.zeros(1, 3, 16, 16), [("conv2", "spatial")], "float16")
+
+
+@pytest.mark.parametrize("first, then", [(None, "bfloat16"), ("bfloat16", None)])
+def test_resume_with_another_autocast_is_refused(images, tmp_path, first, then):
+    out = tmp_path / "store"
+    with pytest.raises(RuntimeError, match="power cut"):
+        extract(PowerCut(images, at=12), tiny_backbone(), "conv2", "spatial", out, batch_size=3, shard_rows=80,
+                progress=False, autocast=first)
+    with pytest.raises(StoreError, match="different extraction.*autocast"):
+        run(images, out, autocast=then)
+    store = run(images, out, autocast=first)  # the same autocast resumes, and the finished store refuses the other
+    with pytest.raises(StoreError, match="different extraction.*autocast"):
+        run(images, store.path, autocast=then)
+
+
+def test_cli_autocast_flag(photos, tmp_path):
+    out = tmp_path / "store"
+    argv, env = cli("--source", f"folder:{photos}", "--out", out, *BASE, "--max-images", "2", "--autocast", "bfloat16")
+    res = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ActivationStore(out).provenance["autocast"] == "bfloat16"
+    res = subprocess.run([sys.executable, *argv[:-1], "float16"], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
