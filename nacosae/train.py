@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ from nacosae.sae import SAE, SAEConfig, matryoshka_fractions
 @dataclass(frozen=True)
 class TrainConfig:
     store: str
-    """Activation store folder (written by hub_scripts/extract.py)."""
+    """Activation store folder (written by hub_scripts/extract.py), or the label of a backbone stream passed to
+    `train_many(..., sources=)` (no-store mode, nacosae.stream)."""
     out_dir: str
     """Where the run writes sae/, checkpoint/, metrics.json, history.jsonl and curves.png."""
     expansion: int = 8
@@ -323,7 +324,8 @@ class _Run:
         _save_checkpoint(self.ckpt, t.sae, t.optimizer, t.dead, step, history=(self.out / "history.jsonl", t.history))
 
 
-def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple[SAE, dict[str, Any]]]:
+def train_many(cfgs: Sequence[TrainConfig], progress: bool = True,
+               sources: Mapping[str, Any] | None = None) -> list[tuple[SAE, dict[str, Any]]]:
     """Train every SAE of `cfgs` from one read of their stores: each step draws one batch from each store and steps
     every SAE of that store on it. Returns (SAE, metrics) per config, in order; each run folder gets what `train`
     writes (sae/, metrics.json, history.jsonl, curves.png, checkpoint/ while running).
@@ -337,6 +339,14 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
     (`nacosae.extract.rank_slice`: its training stream touches only those shards), in batches of batch_size / W rows; every SAE
     takes the steps of the global batch on every process (`SAETrainer`, distributed); rank 0 writes checkpoints,
     history, validation metrics and the SAE. A resume may use another number of processes.
+
+    No-store mode: `sources` maps a `store` string to a ready reader that stands in for `ActivationStore(store)`,
+    a `nacosae.stream.BackboneStream` (the backbone's activations as they are produced, through a shuffle buffer);
+    configs whose `store` is a key of `sources` read it (grouped by that key: its SAEs share one stream), the others
+    open their store folders. Everything else is the same: checkpoints, resume, curves, validation (every token of
+    the held-out images), data parallel (each rank runs its own image range through the backbone). A resume draws
+    a fresh seeded order from its step on, as with a store (which images the cut epoch had covered is not kept);
+    the shuffle buffer's contents are not checkpointed either: the up to `buffer_rows` rows it held are dropped.
     """
     import torch.distributed as dist
 
@@ -354,9 +364,10 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
     outs = [Path(c.out_dir).resolve() for c in cfgs]
     if len(set(outs)) != len(outs):
         raise ValueError(f"two configs share an out_dir ({[str(o) for o in outs]}): give each SAE its own folder")
-    groups: dict[Path, list[int]] = {}
+    sources = dict(sources or {})
+    groups: dict[Path | str, list[int]] = {}  # a store folder, or a key of `sources`
     for i, c in enumerate(cfgs):
-        groups.setdefault(Path(c.store).resolve(), []).append(i)
+        groups.setdefault(c.store if c.store in sources else Path(c.store).resolve(), []).append(i)
     for path, idx in groups.items():
         for key in SHARED_PER_STORE:
             values = {getattr(cfgs[i], key) for i in idx}
@@ -367,7 +378,7 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
     runs: list[_Run] = [None] * len(cfgs)  # type: ignore[list-item]
     streams = []  # per store: (store, runs, val_rows)
     for path, idx in groups.items():
-        store, c0 = ActivationStore(path), cfgs[idx[0]]
+        store, c0 = sources[path] if isinstance(path, str) else ActivationStore(path), cfgs[idx[0]]
         train_rows, val_rows = store.split(c0.val_fraction, seed=c0.seed)
         n_train_rows = store.n_rows_in(train_rows)
         rank_rows = None
@@ -396,7 +407,8 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True) -> list[tuple
                 sae_cfg = SAEConfig(
                     d_in=store.d, d_sae=run.d_sae, activation=cfg.activation, k=cfg.k, l1_coeff=cfg.l1_coeff,
                     matryoshka_sizes=matryoshka_fractions(run.d_sae) if cfg.matryoshka else (), aux_k=cfg.aux_k,
-                    provenance={**store.meta.get("provenance", {}), "store": str(Path(cfg.store).resolve().name),
+                    provenance={**store.meta.get("provenance", {}),
+                                "store": cfg.store if cfg.store in sources else str(Path(cfg.store).resolve().name),
                                 "n_train_rows": n_train_rows},
                 )
                 if init_sample is None:
@@ -510,7 +522,8 @@ def _finish(store, live: list[_Run], val_rows) -> None:
         }
         t.sae.save_pretrained(run.out / "sae")
         _write_history(run.out / "history.jsonl", history)
-        plot_curves(history, run.out / "curves.png", title=f"{Path(cfg.store).name} · {cfg.activation} k={cfg.k} · d_sae={run.d_sae}")
+        name = getattr(run.store, "label", None) or Path(cfg.store).name  # a stream's label, else the store folder's
+        plot_curves(history, run.out / "curves.png", title=f"{name} · {cfg.activation} k={cfg.k} · d_sae={run.d_sae}")
         atomic_write_json(run.out / "metrics.json", result)  # last: its presence marks the run finished
         shutil.rmtree(run.ckpt, ignore_errors=True)
         run.result = (t.sae, result)
