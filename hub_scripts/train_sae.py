@@ -80,7 +80,7 @@ def stream_store_label(args: argparse.Namespace) -> str:
     """The `store` field of the runs of a --from-backbone command (nacosae.stream.stream_label of its flags)."""
     backbone = args.from_backbone + (f"@{args.pretrained}" if args.pretrained else "")
     return stream_label(backbone, args.layer, args.tokens, source=args.source, tokens_per_image=args.tokens_per_image,
-                        max_images=args.max_images)
+                        max_images=args.max_images, autocast=None if args.autocast == "none" else args.autocast)
 
 
 def build_stream(args: argparse.Namespace, device: str):

@@ -36,13 +36,13 @@ from nacosae.store import split_images
 
 
 def stream_label(backbone: str, layer: str, tokens: str, source: str | None = None, tokens_per_image: int | None = None,
-                 max_images: int | None = None) -> str:
+                 max_images: int | None = None, autocast: str | None = None) -> str:
     """The `store` field of the TrainConfigs trained from a stream: `stream:BACKBONE/LAYER/TOKENS`, then what else
-    picks its rows (`?source=...&tokens_per_image=...&max_images=...`, each only when given), so a run resumed with
-    another stream is refused by the run-config check as one with another store is."""
+    picks its rows (`?source=...&tokens_per_image=...&max_images=...&autocast=...`, each only when given), so a run
+    resumed with another stream is refused by the run-config check as one with another store is."""
     label = f"stream:{backbone}/{layer}/{tokens}"
-    query = [f"{k}={v}" for k, v in (("source", source), ("tokens_per_image", tokens_per_image), ("max_images", max_images))
-             if v is not None]
+    query = [f"{k}={v}" for k, v in (("source", source), ("tokens_per_image", tokens_per_image),
+                                     ("max_images", max_images), ("autocast", autocast)) if v is not None]
     return label + ("?" + "&".join(query) if query else "")
 
 
@@ -104,7 +104,7 @@ class BackboneStream:
         self.rows_per_image = tokens_per_image or T  # rows a training epoch takes from each image
         self.label = label or stream_label(provenance.get("backbone", type(backbone).__name__), layer, tokens,
                                            source=getattr(source, "name", None), tokens_per_image=tokens_per_image,
-                                           max_images=max_images)
+                                           max_images=max_images, autocast=autocast)
         self.meta: dict[str, Any] = {
             "provenance": provenance, "layer": layer, "tokens": tokens, "d": d, "n_tokens": T,
             "tokens_per_image": self.rows_per_image, "n_images_total": len(records), "source": _source_id(source, records),

@@ -109,6 +109,7 @@ def test_bad_settings_are_refused(images):
 def test_autocast_is_extractions_and_is_recorded(images, store):
     s = stream(images, autocast="bfloat16")
     assert s.provenance == {**store.provenance, "autocast": "bfloat16"}
+    assert s.label == "stream:tiny-cnn/conv2/spatial?source=imgs&autocast=bfloat16"
     x = torch.cat(list(s.iter_batches(16, shuffle=False, n_epochs=1)))
     ref, _ = store_rows(store)
     assert x.shape == ref.shape and not torch.equal(x, ref)
