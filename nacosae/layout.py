@@ -4,6 +4,9 @@
     run.acts("blocks.14")        runs/offline_default/acts/blocks.14        activation store
     run.sae("blocks.14")         runs/offline_default/sae/blocks.14         training folder (checkpoints, curves)
     run.sae_weights("blocks.14") runs/offline_default/sae/blocks.14/sae     the trained SAE (safetensors + config)
+    run.sweep("features", "k16-expansion4")
+                                 runs/offline_default/sweep/features/k16-expansion4   one SAE of a sweep (its training
+                                 folder; its statistics in .../stats)
     run.stats("blocks.14")       runs/offline_default/stats/blocks.14       feature statistics (+ ".raw": raw channels)
     run.naming("blocks.14")      runs/offline_default/naming/blocks.14      naming work folder (state, report)
     run.pool("blocks.14")        runs/offline_default/naming/blocks.14/pool the render pool (METHODS §3.1b)
@@ -41,6 +44,9 @@ class RunLayout:
 
     def sae_weights(self, layer: str) -> Path:
         return self.sae(layer) / "sae"
+
+    def sweep(self, layer: str, label: str) -> Path:
+        return self.root / "sweep" / self._part(layer) / self._part(label)
 
     def stats(self, layer: str, raw: bool = False) -> Path:
         return self.root / "stats" / (self._part(layer) + (".raw" if raw else ""))
