@@ -21,7 +21,7 @@
 # Here, once (the open_clip wheels, ~2.4 MB, which the device image lacks; untracked files travel with the tree):
 #     .venv/bin/pip download --no-deps -d .device_wheels open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 # (wcwidth's wheel is cp310-abi3 manylinux x86_64: it installs on the device's Python 3.12.)
-# On the device (the `run` tool; .device_wheels travels untracked, or name it in carry), about 4-5 minutes:
+# On the device (the `run` tool; carry .device_wheels: it is git-ignored), about 4-5 minutes:
 #     bash scripts/device_scale_check.sh         # timeout_s 480; writes $OUT/device_scale_check.json and .log
 # Dry run on a CPU (tiny shapes, ViT-B/32 only, ~2 minutes on 2 busy cores):
 #     DEVICE=cpu QUICK=1 nice -n 10 bash scripts/device_scale_check.sh
