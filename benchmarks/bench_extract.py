@@ -16,8 +16,8 @@
    Also the pure forward rate of the whole image tower (`backbone.output` on preprocessed pixels), float32 and, with
    --autocast bfloat16, under bf16 autocast too, with how far the bf16 activations are from the float32 ones.
    --autocast bfloat16 runs every forward of parts 1 and 4 under `torch.autocast(..., dtype=torch.bfloat16)`, as
-   `extract(..., autocast='bfloat16')` does. --mha-layout-fix adds the change proposed for OpenClipBackbone (see
-   `mha_layout_fix`) to measure what it gives.
+   `extract(..., autocast='bfloat16')` does. --no-mha-layout-fix removes open_clip backbones' attention-layout hooks
+   (`nacosae.backbones.mha_autocast_layout`) to measure the forward without them (the baseline of that fix).
 
     python benchmarks/bench_extract.py --source openclipart --n-images 300 --threads 1
     python benchmarks/bench_extract.py --skip-extract --skip-reader --store runs/offline_default/acts/blocks.14
@@ -59,40 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--many-layers", help="part 4: comma list of LAYER or LAYER:TOKENS (else --tokens)")
     p.add_argument("--autocast", default="none", choices=["none", "bfloat16"],
                    help="parts 1 and 4: run the backbone's forward under torch.autocast in this dtype (default: %(default)s)")
-    p.add_argument("--mha-layout-fix", action="store_true",
-                   help="under autocast, hand each batch-first nn.MultiheadAttention of the backbone its input laid out "
-                        "(T, B, D) in memory (see mha_layout_fix)")
+    p.add_argument("--no-mha-layout-fix", action="store_true",
+                   help="remove the open_clip backbone's attention-layout hooks (nacosae.backbones.mha_autocast_layout): "
+                        "the forward as open_clip runs it under autocast")
     p.add_argument("--skip-reader", action="store_true")
     p.add_argument("--skip-extract", action="store_true")
     return p.parse_args(argv)
-
-
-def mha_layout_fix(model) -> int:
-    """Under autocast, give every batch-first `nn.MultiheadAttention` of `model` its query laid out (T, B, D) in memory
-    (same values, other strides); a no-op otherwise. Returns the number of modules hooked.
-
-    Why: torch turns MHA's fused inference path off while autocast is on, and the slow path transposes the batch-first
-    input to a non-contiguous (T, B, D) view and runs the packed q/k/v projection `linear` on it; matmul cannot fold a
-    non-contiguous 3-D input into one GEMM, so it broadcasts the weight to (T, D, 3D) and copies it: for ViT-B/32
-    (T 50, D 768) 177 MB per block per batch, 81 % of a bf16 forward on this CPU (torch 2.14 profiler). With the input
-    stored (T, B, D), the transpose is contiguous and the projection is one GEMM. Only self-attention (query is key
-    is value), as in open_clip's image tower. The change proposed for OpenClipBackbone; here only to measure it."""
-    import torch
-    from torch import nn
-
-    def pre(module, args, kwargs):
-        q = args[0] if args else kwargs.get("query")
-        k = args[1] if len(args) > 1 else kwargs.get("key")
-        v = args[2] if len(args) > 2 else kwargs.get("value")
-        if not (torch.is_autocast_enabled(q.device.type) and q is k is v and q.dim() == 3):
-            return None
-        q = q.transpose(0, 1).contiguous().transpose(0, 1)
-        return (q, q, q, *args[3:]), {n: a for n, a in kwargs.items() if n not in ("query", "key", "value")}
-
-    mods = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m.batch_first]
-    for m in mods:
-        m.register_forward_pre_hook(pre, with_kwargs=True)
-    return len(mods)
 
 
 class MemorySource:
@@ -365,7 +337,10 @@ def bench_many_layers(args) -> list[tuple[str, str]]:
     torch.set_num_threads(args.threads)
     ac = None if args.autocast == "none" else args.autocast
     bb = load_backbone(args.backbone)
-    n_fixed = mha_layout_fix(getattr(bb.model, "visual", bb.model)) if args.mha_layout_fix else 0
+    if args.no_mha_layout_fix:  # the baseline: open_clip's attention as it comes (backbones.mha_autocast_layout)
+        for hook in getattr(bb, "mha_hooks", []):
+            hook.remove()
+    n_fixed = 0 if args.no_mha_layout_fix else len(getattr(bb, "mha_hooks", []))
     targets = []
     for item in args.many_layers.split(","):
         layer, _, tokens = item.strip().partition(":")
@@ -444,7 +419,7 @@ def bench_many_layers(args) -> list[tuple[str, str]]:
     out = [("many layers: images, backbone, targets", f"{n} ({src.name}), {args.backbone}, "
                                                       + ", ".join(f"{l_}:{t}" for l_, t in targets)),
            ("torch threads, batch size, repeats (best of), autocast", f"{args.threads}, {B}, {args.repeats}, {args.autocast}"
-            + (f" (MHA layout fix on {n_fixed} modules)" if args.mha_layout_fix else ""))]
+            + (f" (MHA layout fix on {n_fixed} modules)" if n_fixed else ""))]
     for c, clock in ((1, "CPU"), (0, "wall")):
         t_dec = best(s[0][c] for s in splits)
         t_pre = best(s[1][c] for s in splits)

@@ -139,8 +139,7 @@ def _jpeg(args):
 def extraction():
     from concurrent.futures import ThreadPoolExecutor
 
-    from bench_extract import mha_layout_fix
-    from nacosae.backbones import load_backbone
+    from nacosae.backbones import load_backbone, mha_autocast_layout
     from nacosae.extract import Target, _activations, extract_many
     from nacosae.images import FolderSource
 
@@ -155,6 +154,8 @@ def extraction():
     for name in MODELS:
         t0 = time.perf_counter()
         bb = load_backbone(f"open_clip:{name}", device=DEV)
+        for hook in bb.mha_hooks:  # first as open_clip runs it; the layout fix is put back below
+            hook.remove()
         m = res["models"][name] = {"load_s": round(time.perf_counter() - t0, 1)}
         pics = torch.stack([bb.preprocess(source.load(r)) for r in source.records()[:FWD_BATCH]])
         pics = pics.repeat(-(-FWD_BATCH // len(pics)), 1, 1, 1)[:FWD_BATCH].to(DEV)
@@ -196,7 +197,8 @@ def extraction():
             m["extract_many_img_per_s"][ac or "float32"] = round(N_IMAGES / dt, 1)
             m["extract_many_store_mb"] = round(size / 1e6, 1)
             shutil.rmtree(stores)
-        m["mha_layout_fix_modules"] = mha_layout_fix(getattr(bb.model, "visual", bb.model))  # hooks act under autocast only
+        bb.mha_hooks = mha_autocast_layout(bb.model.visual)  # hooks act under autocast only
+        m["mha_layout_fix_modules"] = len(bb.mha_hooks)
         m["tower_img_per_s"]["bfloat16_mha_layout_fix"] = rate(lambda: tower(True))
         if CUDA:
             m["cuda_max_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nacosae.backbones import TOKEN_CHOICES, imagenet_class_names, load_backbone
+from nacosae.backbones import TOKEN_CHOICES, imagenet_class_names, load_backbone, mha_autocast_layout
 from nacosae.images import SkimageSource
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian Mau
@@ -178,6 +178,29 @@ def test_open_clip_shapes_and_tokens(open_clip_bb, photos):
         assert torch.allclose(bb.output(x), bb.model.encode_image(x), atol=1e-5)
     with pytest.raises(ValueError, match="patches"):
         bb.activations(x, "resblocks.0", "spatial")
+
+
+def test_open_clip_attention_layout_hook_keeps_results(open_clip_bb, photos):
+    """The bf16-autocast attention layout fix (backbones.mha_autocast_layout) is on in every open_clip backbone: float32
+    results are bit for bit those without it, and bf16 results are the same values up to bf16 rounding."""
+    bb = open_clip_bb
+    assert len(bb.mha_hooks) == 2  # one per resblock
+    x = bb.preprocess_batch(photos)
+
+    def run(autocast: bool):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return bb.model.visual(x).float()
+
+    fixed_fp32, fixed_bf16 = run(False), run(True)
+    for hook in bb.mha_hooks:
+        hook.remove()
+    try:
+        plain_fp32, plain_bf16 = run(False), run(True)
+    finally:
+        bb.mha_hooks = mha_autocast_layout(bb.model.visual)
+    assert torch.equal(fixed_fp32, plain_fp32)
+    assert (fixed_bf16 - plain_bf16).norm() / plain_bf16.norm() < 2e-2
+    assert (fixed_bf16 - fixed_fp32).norm() / fixed_fp32.norm() < 5e-2
 
 
 def test_open_clip_edits_provenance_text(open_clip_bb, photos):
