@@ -2,15 +2,17 @@
 """The offline default, end to end: EfficientNet-Lite0 over Open Clip Art + scikit-image photos → activation
 stores → SAEs → quality numbers and a purity check.
 
-    python hub_scripts/run_offline_default.py                 # the full run (~30 min on 2 CPU cores)
-    python hub_scripts/run_offline_default.py --quick         # a 600-image smoke run (~2 min)
+    python hub_scripts/run_offline_default.py                 # the full run (about 1–2 h on 2 CPU cores)
+    python hub_scripts/run_offline_default.py --quick         # a 600-image smoke run (about 7 min)
+    python hub_scripts/run_offline_default.py --layers features --name-layers --sweep k=16,32,64 expansion=2,4
 
-For each layer it extracts spatial tokens (7×7 = 49 per image), trains a TopK SAE, computes per-feature
-statistics, and measures *purity*: the share of a feature's top-16 images that share its most common Open Clip
-Art category, against the same for the layer's raw channels and for random 16-image sets. Then it names every live
-feature of each SAE (`nacosae.naming.run`, the shared render pool over the offline bank) and writes the results
-dataset. Everything resumes when re-run after a kill. Results: OUT/results.json, OUT/results.md and
-OUT/results/<layer> (paths: `nacosae.layout.RunLayout`).
+It extracts every layer's spatial tokens (7×7 = 49 per image) in one pass over the images (`extract_many`) and
+trains every SAE from one read of the stores (`train_many`; `--sweep` adds final-map SAEs at other k and widths to
+that read). For each SAE it computes per-feature statistics and measures *purity*: the share of a feature's top-16
+images that share its most common Open Clip Art category, against the same for the layer's raw channels and for
+random 16-image sets. Then it names every live feature of the `--name-layers` SAEs (`nacosae.naming.run`, the
+shared render pool over the offline bank) and writes their results datasets. Everything resumes when re-run after a
+kill. Results: OUT/results.json, OUT/results.md and OUT/results/<layer> (paths: `nacosae.layout.RunLayout`).
 """
 
 from __future__ import annotations
@@ -25,20 +27,20 @@ import numpy as np
 import torch
 
 from nacosae.backbones import load_backbone
-from nacosae.extract import extract
+from nacosae.extract import Target, extract_many
 from nacosae.features import FeatureStatsConfig, compute_feature_stats
 from nacosae.images import ConcatSource, ImageSource, OpenClipArtSource, SkimageSource, SubsetSource
 from nacosae.io import atomic_write_json, atomic_write_text
 from nacosae.layout import RunLayout
 from nacosae.metrics import label_purity, random_set_purity
 from nacosae.store import ActivationStore
-from nacosae.train import TrainConfig, train
+from nacosae.train import TrainConfig, train_many
 
-LAYERS = {  # layer → (expansion, k, epochs, image cap): the 1280-d final map costs a full forward per image and
-    # trains far slower on 2 cores (ASSETS.md), so the default run gives it a seeded 2,000-image subset
-    "blocks.14": (8, 24, 12.0, None),
-    "features": (4, 32, 6.0, 2000),
+LAYERS = {  # layer → (expansion, k, epochs): all 6,813 images for both layers, extracted in one pass
+    "blocks.14": (8, 24, 12.0),
+    "features": (4, 32, 20.0),
 }
+TOP_N = 16  # purity: the top-16 images of a feature (max over its 7×7 tokens)
 
 
 class RawChannels:
@@ -52,52 +54,122 @@ class RawChannels:
         return x
 
 
-def run_layer(source, backbone, layer: str, out: Path, args) -> dict:
-    expansion, k, epochs, cap = LAYERS[layer]
-    if args.epochs is not None:
-        epochs = args.epochs
-    if cap is not None and not args.max_images:
-        source = SubsetSource(source, cap, seed=args.seed)
-    t0 = time.perf_counter()
+def image_labels(store: ActivationStore) -> list:
+    """labels_N indexed by global image index (None for images without a label or without rows)."""
+    labels = [None] * store.meta["n_images_total"]
+    for img in store.images:
+        labels[img["image_idx"]] = img.get("label")
+    return labels
+
+
+def purity_row(sae, store: ActivationStore, stats_dir: Path, provenance: dict) -> dict:
+    """Top-16 category purity of an SAE's live features (METHODS-style statistics over the whole store)."""
+    labels = image_labels(store)
+    stats = compute_feature_stats(sae, store.iter_images(256), FeatureStatsConfig(top_n=TOP_N, aggregation="max"),
+                                  out_dir=stats_dir, total_images=store.meta["n_images"], provenance=provenance)
+    purity = label_purity(stats.top_images_SK, labels)
+    alive = ~stats.dead_S.numpy()
+    return {"purity_sae_mean": float(np.nanmean(purity[alive])),
+            "purity_sae_share_ge_0.5": float(np.nanmean(purity[alive] >= 0.5)),
+            "purity_sae_by_frequency": purity_by_frequency(purity, stats, alive),
+            "stats_dead_fraction": float(1 - alive.mean()), "_stats": stats}
+
+
+FREQUENCY_BINS = (0.0, 0.01, 0.05, 0.2, 1.0)  # share of images a unit fires on
+
+
+def purity_by_frequency(purity, stats, alive) -> list[dict]:
+    """Mean purity of the units in each bin of image frequency: SAE features and raw channels fire on very different
+    shares of the images (median ~4 % vs ~40 % on the final map), and purity depends on it."""
+    freq = stats.image_frequency_S.numpy()
+    rows = []
+    for lo, hi in zip(FREQUENCY_BINS[:-1], FREQUENCY_BINS[1:]):
+        m = alive & (freq >= lo) & ((freq < hi) if hi < 1 else (freq <= hi))
+        rows.append({"bin": f"[{lo:g}, {hi:g}{')' if hi < 1 else ']'}", "n": int(m.sum()),
+                     "purity": float(np.nanmean(purity[m])) if m.any() else None})
+    return rows
+
+
+def sweep_configs(items: list[str]) -> list[tuple[str, int, int]]:
+    """--sweep k=16,32 expansion=2,4 → [(label, k, expansion), ...] (every combination)."""
+    axes = {"k": [], "expansion": []}
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in axes or not values:
+            raise SystemExit(f"--sweep {item!r}: use k=V1,V2 and/or expansion=V1,V2")
+        axes[key] = [int(v) for v in values.split(",") if v]
+    ks = axes["k"] or [LAYERS["features"][1]]
+    es = axes["expansion"] or [LAYERS["features"][0]]
+    return [(f"k{k}-expansion{e}", k, e) for k in ks for e in es]
+
+
+def run_all(source, backbone, out: Path, args) -> list[dict]:
+    """Extract every layer in one pass, train every SAE (each layer's, and the sweep's) in one read of the stores,
+    then statistics, purity and naming per SAE."""
     run = RunLayout(out)
-    store_dir = run.acts(layer)
-    store = extract(source, backbone, layer, "spatial", store_dir, batch_size=32, dtype="float16")
+    layers = args.layers
+    t0 = time.perf_counter()
+    stores = extract_many(source, backbone, [Target(layer, "spatial", run.acts(layer)) for layer in layers],
+                          batch_size=32, dtype="float16")
     t_extract = time.perf_counter() - t0
 
-    sae, metrics = train(TrainConfig(store=str(store_dir), out_dir=str(run.sae(layer)), expansion=expansion, k=k,
-                                     n_epochs=epochs, batch_size=args.batch_size, seed=args.seed))
-    t_train = time.perf_counter() - t0 - t_extract
+    def cfg(layer, out_dir, expansion, k, epochs):
+        return TrainConfig(store=str(run.acts(layer)), out_dir=str(out_dir), expansion=expansion, k=k, n_epochs=epochs,
+                           batch_size=args.batch_size, seed=args.seed)
 
-    labels = [img.get("label") for img in store.images]
-    stats_cfg = FeatureStatsConfig(top_n=16, aggregation="max")
-    sae_stats = compute_feature_stats(sae, store.iter_images(256), stats_cfg, out_dir=run.stats(layer),
-                                      total_images=len(labels), provenance={"sae": str(run.sae_weights(layer))})
-    raw_stats = compute_feature_stats(RawChannels(store.d), store.iter_images(256), stats_cfg, out_dir=run.stats(layer, raw=True),
-                                      total_images=len(labels), provenance={"raw_channels_of": layer})
-    purity_sae = label_purity(sae_stats.top_images_SK, labels)
-    purity_raw = label_purity(raw_stats.top_images_SK, labels)
-    alive = ~sae_stats.dead_S.numpy()
-    t_named = time.perf_counter()
-    naming = name_layer(run, layer, sae, backbone, store, sae_stats, metrics, args) if layer in args.name_layers else {}
-    t_named = time.perf_counter() - t_named
-    return {
-        "layer": layer,
-        "d_in": store.d,
-        "d_sae": sae.cfg.d_sae,
-        "k": k,
-        "epochs": epochs,
-        "n_images": len(labels),
-        "n_rows": len(store),
-        **{k_: metrics[k_] for k_ in ("val_fvu", "val_explained_variance", "val_l0", "val_dead_fraction", "rows_per_s")},
-        "purity_sae_mean": float(np.nanmean(purity_sae[alive])),
-        "purity_sae_share_ge_0.5": float(np.nanmean(purity_sae[alive] >= 0.5)),
-        "purity_raw_mean": float(np.nanmean(purity_raw)),
-        "purity_random_mean": random_set_purity(labels, set_size=16, n_sets=2000, seed=args.seed),
-        "seconds_extract": round(t_extract, 1),
-        "seconds_train": round(t_train, 1),
-        "seconds_naming": round(t_named, 1),
-        **naming,
-    }
+    jobs = []  # (layer, sweep label or None, config)
+    for layer in layers:
+        expansion, k, epochs = LAYERS[layer]
+        jobs.append((layer, None, cfg(layer, run.sae(layer), expansion, k, args.epochs or epochs)))
+    if args.sweep and "features" in layers:
+        epochs = args.epochs or LAYERS["features"][2]
+        main_k, main_e = LAYERS["features"][1], LAYERS["features"][0]
+        jobs += [("features", label, cfg("features", run.sweep("features", label), e, k, epochs))
+                 for label, k, e in sweep_configs(args.sweep) if (k, e) != (main_k, main_e)]
+    t1 = time.perf_counter()
+    trained = train_many([c for _, _, c in jobs])
+    t_train = time.perf_counter() - t1
+
+    rows, raw_purity = [], {}
+    for (layer, label, c), (sae, metrics) in zip(jobs, trained, strict=True):
+        store = stores[layers.index(layer)]
+        labels = image_labels(store)
+        stats_dir = run.stats(layer) if label is None else run.sweep(layer, label) / "stats"
+        pur = purity_row(sae, store, stats_dir, {"sae": str(Path(c.out_dir) / "sae")})
+        stats = pur.pop("_stats")
+        if layer not in raw_purity:
+            raw = compute_feature_stats(RawChannels(store.d), store.iter_images(256),
+                                        FeatureStatsConfig(top_n=TOP_N, aggregation="max"), out_dir=run.stats(layer, raw=True),
+                                        total_images=store.meta["n_images"], provenance={"raw_channels_of": layer})
+            raw_p = label_purity(raw.top_images_SK, labels)
+            raw_purity[layer] = (float(np.nanmean(raw_p)), purity_by_frequency(raw_p, raw, ~raw.dead_S.numpy()),
+                                 float(np.median(raw.image_frequency_S.numpy())))
+        row = {
+            "layer": layer,
+            "sweep": label,
+            "d_in": store.d,
+            "d_sae": sae.cfg.d_sae,
+            "k": c.k,
+            "epochs": c.n_epochs,
+            "n_steps": metrics["n_steps"],
+            "n_images": store.meta["n_images"],
+            "n_rows": len(store),
+            **{k_: metrics[k_] for k_ in ("val_fvu", "val_explained_variance", "val_l0", "val_dead_fraction", "rows_per_s")},
+            **pur,
+            "purity_raw_mean": raw_purity[layer][0],
+            "purity_raw_by_frequency": raw_purity[layer][1],
+            "image_frequency_median_sae": float(np.median(stats.image_frequency_S.numpy()[~stats.dead_S.numpy()])),
+            "image_frequency_median_raw": raw_purity[layer][2],
+            "purity_random_mean": random_set_purity(labels, set_size=TOP_N, n_sets=2000, seed=args.seed),
+            "seconds_extract_all_layers": round(t_extract, 1),
+            "seconds_train_all_saes": round(t_train, 1),
+        }
+        if label is None and layer in args.name_layers:
+            t_named = time.perf_counter()
+            row.update(name_layer(run, layer, sae, backbone, store, stats, metrics, args))
+            row["seconds_naming"] = round(time.perf_counter() - t_named, 1)
+        rows.append(row)
+    return rows
 
 
 def name_layer(run: RunLayout, layer: str, sae, backbone, store, stats, metrics: dict, args) -> dict:
@@ -122,16 +194,40 @@ def name_layer(run: RunLayout, layer: str, sae, backbone, store, stats, metrics:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = ("| layer | d_in → d_sae | k | images | FVU (val) | L0 | dead | purity SAE | SAE ≥ 0.5 | purity raw | purity random "
-            "| named / live | held-out AUC (all live) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    return summary_table(rows) + "\n" + frequency_table(rows)
+
+
+def summary_table(rows: list[dict]) -> str:
+    head = ("| layer | SAE | d_in → d_sae | k | steps | images | FVU (val) | L0 | dead | purity SAE | SAE ≥ 0.5 | purity raw | purity random "
+            "| named / live | held-out AUC (all live) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {r['layer']} | {r['d_in']} → {r['d_sae']} | {r['k']} | {r['n_images']} | {r['val_fvu']:.3f} | {r['val_l0']:.1f} | "
+        f"| {r['layer']} | {r.get('sweep') or 'default'} | {r['d_in']} → {r['d_sae']} | {r['k']} | {r['n_steps']} | {r['n_images']} | {r['val_fvu']:.3f} | {r['val_l0']:.1f} | "
         f"{r['val_dead_fraction']:.1%} | {r['purity_sae_mean']:.2f} | {r['purity_sae_share_ge_0.5']:.0%} | {r['purity_raw_mean']:.2f} | "
         f"{r['purity_random_mean']:.2f} | "
         + (f"{r['naming_n_named']} / {r['naming_n_live']} | {r['naming_mean_auc_all_live']:.3f} |\n" if "naming_n_named" in r
            else "– | – |\n")
         for r in rows
     )
+
+
+def frequency_table(rows: list[dict]) -> str:
+    """Purity by the share of images a unit fires on, for every SAE and each layer's raw channels (n units in brackets)."""
+    bins = [b["bin"] for b in rows[0]["purity_sae_by_frequency"]]
+    head = ("| layer | units | median image frequency | " + " | ".join(f"purity, frequency {b}" for b in bins) + " |\n"
+            + "|---" * (3 + len(bins)) + "|\n")
+
+    def cells(by_bin):
+        return " | ".join("–" if c["purity"] is None else f"{c['purity']:.2f} ({c['n']})" for c in by_bin)
+
+    lines, raw_done = [], set()
+    for r in rows:
+        lines.append(f"| {r['layer']} | SAE {r.get('sweep') or 'default'} | {r['image_frequency_median_sae']:.3f} | "
+                     f"{cells(r['purity_sae_by_frequency'])} |\n")
+        if r["layer"] not in raw_done:
+            raw_done.add(r["layer"])
+            lines.append(f"| {r['layer']} | raw channels | {r['image_frequency_median_raw']:.3f} | "
+                         f"{cells(r['purity_raw_by_frequency'])} |\n")
+    return head + "".join(lines)
 
 
 def main(argv=None):
@@ -143,6 +239,9 @@ def main(argv=None):
                         help="layers whose features are named (default: %(default)s; none: --name-layers)")
     parser.add_argument("--max-images", type=int, default=None, help="a seeded random subset of this many images")
     parser.add_argument("--epochs", type=float, default=None, help="override the per-layer epochs")
+    parser.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", default=[],
+                        help="also train the final map (`features`) SAE at every combination of k=... and expansion=... "
+                             "in the same read of its store, each with its own statistics and purity row")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -159,7 +258,7 @@ def main(argv=None):
     if args.max_images:
         source = SubsetSource(source, args.max_images, seed=args.seed)
     backbone = load_backbone("efficientnet-lite0")
-    rows = [run_layer(source, backbone, layer, out, args) for layer in args.layers]
+    rows = run_all(source, backbone, out, args)
     atomic_write_json(out / "results.json", rows)
     md = to_markdown(rows)
     atomic_write_text(out / "results.md", md)
