@@ -38,7 +38,7 @@ from nacosae.train import TrainConfig, train_many
 
 LAYERS = {  # layer → (expansion, k, epochs): all 6,813 images for both layers, extracted in one pass
     "blocks.14": (8, 24, 12.0),
-    "features": (4, 32, 20.0),
+    "features": (4, 32, 8.0),
 }
 TOP_N = 16  # purity: the top-16 images of a feature (max over its 7×7 tokens)
 
