@@ -266,14 +266,17 @@ def extract_many(
     source_id = _source_id(source, records)
 
     start, stop = rank_slice(n_images, rank, world_size)
-    jobs, complete = [], []
-    for t in targets:
-        out_dir = Path(t.out_dir)
+    runs = []
+    for t in targets:  # every target checked before any folder is made: a bad layer in a list leaves no half store
         provenance = backbone.provenance(t.layer, t.tokens)
         if autocast is not None:  # only when set: stores written before autocast existed keep their provenance
             provenance = {**provenance, "autocast": autocast}
-        run = {"provenance": provenance, "dtype": dtype, "n_images_total": n_images,
-               "source": source_id, "world_size": world_size}
+        runs.append({"provenance": provenance, "dtype": dtype, "n_images_total": n_images,
+                     "source": source_id, "world_size": world_size})
+        _check_not_nested(Path(t.out_dir))
+    jobs, complete = [], []
+    for t, run in zip(targets, runs, strict=True):
+        out_dir = Path(t.out_dir)
         meta_path = out_dir / META_NAME
         if meta_path.exists():
             meta = _read_json(meta_path, "store metadata")
@@ -308,6 +311,28 @@ def extract_many(
         dist.barrier()
         return [ActivationStore(t.out_dir) for t in targets]
     return [ActivationStore(t.out_dir) if finalize_store(t.out_dir) else None for t in targets]
+
+
+def _is_store(path: Path) -> bool:
+    """Whether `path` is an activation store's folder, finished or not (`StoreWriter` makes meta.json and progress/)."""
+    return (path / META_NAME).is_file() and (path / "progress").is_dir()
+
+
+def _check_not_nested(out_dir: Path) -> None:
+    """ValueError when a store would be written inside another store's folder, or into a folder that holds stores
+    (the --out of a many-layer extraction given again with one layer): stores are never nested or mixed."""
+    out_dir = out_dir.resolve()
+    if _is_store(out_dir):
+        return  # a resume or a reopen: the store's own checks apply
+    for parent in out_dir.parents:
+        if _is_store(parent):
+            raise ValueError(f"{parent} is an activation store: a store's folder holds no other store; write the "
+                             f"store {out_dir.name!r} into a folder outside it")
+    inner = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and _is_store(p)) if out_dir.is_dir() else []
+    if inner:
+        raise ValueError(f"{out_dir} holds activation stores ({', '.join(inner)}), as the folder of a many-layer "
+                         "extraction does; with one layer the output folder is the store itself: give it a folder of its own "
+                         f"(e.g. {out_dir}/<layer>)")
 
 
 def _check_autocast(autocast: str | None) -> None:

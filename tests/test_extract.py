@@ -506,3 +506,24 @@ def test_cli_autocast_flag(photos, tmp_path):
     assert ActivationStore(out).provenance["autocast"] == "bfloat16"
     res = subprocess.run([sys.executable, *argv[:-1], "float16"], env=env, capture_output=True, text=True)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_a_bad_layer_in_a_list_makes_no_store_folder(images, tmp_path):
+    with pytest.raises(ValueError, match="unknown layer"):
+        many(images, tmp_path / "acts", targets=[("conv2", "mean"), ("conv9", "mean")])
+    assert not (tmp_path / "acts").exists()
+
+
+def test_stores_are_never_nested(images, tmp_path):
+    """One layer into the folder of a many-layer extraction, or several layers into a store's folder, is refused
+    before any file is written; the store itself (a resume, a reopen) and a fresh folder beside it are fine."""
+    stores = many(images, tmp_path / "acts", targets=[("conv2", "mean"), ("conv1", "mean")])
+    with pytest.raises(ValueError, match=r"holds activation stores \(conv1, conv2\).*give it a folder of its own"):
+        run(images, tmp_path / "acts", layer="conv2", tokens="mean")
+    assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == ["conv1", "conv2"]
+    with pytest.raises(ValueError, match="is an activation store: a store's folder holds no other store"):
+        many(images, tmp_path / "acts" / "conv2", targets=[("conv2", "mean"), ("relu", "mean")])
+    assert sorted(p.name for p in (tmp_path / "acts" / "conv2").iterdir()) == sorted(
+        p.name for p in stores[0].path.iterdir())
+    assert run(images, tmp_path / "acts" / "conv2", layer="conv2", tokens="mean").meta == stores[0].meta
+    assert len(run(images, tmp_path / "other", layer="conv2", tokens="mean")) == len(stores[0])
