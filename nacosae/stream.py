@@ -177,6 +177,12 @@ class BackboneStream:
                 acts_BTD = acts_BTD.gather(1, pick_BK[:, :, None].expand(-1, -1, self.d))
             yield acts_BTD.reshape(-1, self.d).to(self.device, torch.float32)
 
+    def _skip_summary(self, n: int = 3) -> str:
+        """'K skipped, e.g. PATH: REASON; ...' for an error message (the whole list is `skipped`)."""
+        reports = [self._skipped[i] for i in sorted(self._skipped)]
+        return f"{len(reports)} skipped" + (", e.g. " + "; ".join(f"{r['path']}: {r['reason']}" for r in reports[:n])
+                                             if reports else "")
+
     @staticmethod
     def _generator(rng: np.random.Generator) -> torch.Generator:
         return torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -200,7 +206,7 @@ class BackboneStream:
                 if filled >= n:
                     break
         if not filled:
-            raise ValueError(f"no image of the selection could be read ({len(self._skipped)} skipped; see .skipped)")
+            raise ValueError(f"no image of the selection could be read ({self._skip_summary()})")
         out_ND = torch.cat(parts)
         return out_ND[torch.from_numpy(rng.permutation(len(out_ND)))]
 
@@ -242,7 +248,7 @@ class BackboneStream:
                 n_rows += len(rows_MD)
                 yield rows_MD
             if not n_rows:
-                raise ValueError(f"no image of the selection ({len(sel)} images) could be read: see .skipped")
+                raise ValueError(f"no image of the selection ({len(sel)} images) could be read ({self._skip_summary()})")
             epoch += 1
 
     def _in_order(self, sel, batch_size: int, n_epochs, drop_last: bool) -> Iterator[Tensor]:

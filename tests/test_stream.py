@@ -207,3 +207,20 @@ def test_cli_needs_a_store_or_a_backbone(tmp_path, capsys):
     with pytest.raises(SystemExit):
         nacosae_main(["train", "--store", "x", "--layer", "blocks.14", "--out-dir", str(tmp_path)])
     assert "--layer belongs to --from-backbone" in capsys.readouterr().err
+
+
+def test_a_source_with_no_readable_image_names_the_files_and_why(tmp_path):
+    """A folder of a zero-byte file, a text file named .png and a PNG header with no image: the one-line error says
+    which files and why (a CLI user has no `.skipped` attribute to look at)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "empty.png").write_bytes(b"")
+    (tmp_path / "a" / "text.png").write_text("hello")
+    (tmp_path / "a" / "header.png").write_bytes(b"\x89PNG\r\n\x1a\nxx")
+    from nacosae.images import FolderSource
+
+    s = BackboneStream(FolderSource(tmp_path, name="bad", use_cache=False, progress=False), tiny_backbone(), "conv2",
+                       "spatial", buffer_rows=64, image_batch_size=4)
+    with pytest.raises(ValueError, match=r"could be read \(3 skipped, e\.g\. .*empty\.png: corrupt"):
+        s.sample(10)
+    with pytest.raises(ValueError, match=r"\(3 images\) could be read \(3 skipped, e\.g\. .*header\.png"):
+        next(s.iter_batches(16))
