@@ -1,4 +1,4 @@
-"""Monosemanticity Score (METHODS §4.2) of an SAE's features and of its layer's raw channels, with several image
+r"""Monosemanticity Score (METHODS §4.2) of an SAE's features and of its layer's raw channels, with several image
 encoders side by side on the same images: does the score depend on which network embeds them?
 
     python hub_scripts/ms_table.py --store runs/offline_default/acts/blocks.14 \
@@ -131,12 +131,26 @@ def ms_table(store: ActivationStore, sae: SAE, encoders: str, out: str | Path, n
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     check_sae_fits_store(sae, store)
+    if aggregation == "cls":
+        tokens, n_prefix = store.provenance.get("tokens"), store.provenance.get("n_prefix_tokens")
+        if tokens in ("spatial", "patches") or (tokens == "all" and n_prefix == 0):
+            raise ValueError(f"aggregation 'cls' needs a CLS token, but the store at {store.path} holds "
+                             f"{tokens!r} tokens of {store.provenance.get('layer')!r}, none of them a CLS token "
+                             "(token 0 would be one patch): use max or mean")
+        if tokens == "all" and n_prefix and not 0 <= cls_token < n_prefix:
+            raise ValueError(f"cls_token={cls_token} is not a prefix token of the store's 'all' tokens "
+                             f"(the first {n_prefix} are): token {cls_token} is a patch")
     sae_backbone = sae.cfg.provenance.get("backbone") or store.provenance.get("backbone")
     if not sae_backbone:
         raise ValueError("neither the SAE nor the store records its backbone: cannot tell which encoder is independent")
     chosen = parse_encoders(encoders, sae_backbone, own_layer)
     out = Path(out)
+    if n_images < 2:
+        raise ValueError(f"n_images must be ≥ 2 (the MS sums over pairs of images), got {n_images}")
     recs = ms_sample(store.images, n_images, seed)
+    if len(recs) < 2:
+        raise ValueError(f"the store at {store.path} holds {len(recs)} image with a file to embed; the MS sums over "
+                         "pairs of images, so it needs at least 2")
     idx = [int(r["image_idx"]) for r in recs]
     paths = [str(r["path"]) for r in recs]
     acts_NS, raw_ND = image_level_acts(store, sae, idx, aggregation, cls_token)

@@ -143,3 +143,25 @@ def test_ms_embeddings_batches_lazily_and_ms_sample_is_the_seeded_file_sample(st
         ms_embeddings(effnet, "pooled", images, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="n_images"):
         ms_sample(store.images, 0)
+
+
+def test_cls_aggregation_without_a_cls_token_and_a_single_image_are_refused(store, sae, tmp_path, capsys):
+    """A CNN store's spatial tokens have no CLS token ('cls' would score the top-left patch), and the MS needs two
+    images: both refused before any work, in one line."""
+    with pytest.raises(ValueError, match="aggregation 'cls' needs a CLS token, but the store .* 'spatial' tokens"):
+        ms_table.ms_table(store, sae, "own", tmp_path / "a", n_images=4, aggregation="cls", progress=False)
+    with pytest.raises(ValueError, match=r"n_images must be ≥ 2 \(the MS sums over pairs of images\), got 1"):
+        ms_table.ms_table(store, sae, "own", tmp_path / "b", n_images=1, progress=False)
+    assert not any((tmp_path / x).exists() for x in "ab")
+    sae_dir = tmp_path / "sae"
+    sae.save_pretrained(sae_dir)
+    code = cli.main(["ms", "--store", str(store.path), "--sae", str(sae_dir), "--encoders", "own", "--aggregation",
+                     "cls", "--out", str(tmp_path / "c"), "--no-progress"])
+    assert code == cli.USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("nacosae ms: error: aggregation 'cls' needs a CLS token") and err.count("\n") == 1
+
+
+def test_help_shows_the_example_command_on_two_lines():
+    """The module docstring is the --help text: its example's line continuation must reach the reader."""
+    assert "--store runs/offline_default/acts/blocks.14 \\\n        --sae demo/sae" in ms_table.__doc__
