@@ -149,7 +149,10 @@ def build_configs(argv: list[str]) -> list[TrainConfig]:
     if args.runs:
         if args.store or args.out_dir or args.sweep:
             parser.error("--runs lists every SAE: do not combine it with --store, --out-dir or --sweep")
-        entries = json.loads(Path(args.runs).read_text())
+        try:
+            entries = json.loads(Path(args.runs).read_text())
+        except json.JSONDecodeError as e:
+            parser.error(f"{args.runs} is not valid JSON: {e}")
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             parser.error(f"{args.runs} must hold a JSON list of objects")
         cfgs = []
@@ -160,9 +163,12 @@ def build_configs(argv: list[str]) -> list[TrainConfig]:
                     parser.error(f"{args.runs} entry {i} names a store: with --from-backbone every SAE trains from the "
                                  "stream; drop its \"store\"")
                 entry = {**entry, "store": label}
-            if unknown or not {"store", "out_dir"} <= set(entry):
-                parser.error(f"{args.runs} entry {i}: unknown keys {sorted(unknown)} or no store/out_dir; keys are "
-                             f"{sorted(FIELDS)}")
+            if unknown:
+                parser.error(f"{args.runs} entry {i}: unknown keys {sorted(unknown)}; keys are {sorted(FIELDS)}")
+            missing = [key for key in ("store", "out_dir") if key not in entry]
+            if missing:
+                parser.error(f"{args.runs} entry {i} has no {' and no '.join(repr(m) for m in missing)}: every entry "
+                             "needs its \"out_dir\" (and its \"store\", unless --from-backbone)")
             cfgs.append(dataclass_from_args(TrainConfig, args, **entry))
         return cfgs
     if not (args.store or label) or not args.out_dir:

@@ -248,3 +248,19 @@ def test_torchrun_two_processes_train_then_resume_after_sigkill(store_dir, tmp_p
     _, alone = train(_cfg(store_dir, tmp_path / "alone", batch_size=64, n_epochs=10), progress=False)
     assert metrics["n_steps"] == alone["n_steps"]  # the same global batches per epoch
     assert metrics["val_fvu"] < 1.0 and abs(metrics["val_fvu"] - alone["val_fvu"]) < 0.1, (metrics, alone)
+
+
+def test_cli_runs_file_errors_name_the_file_and_the_missing_key(tmp_path, capsys):
+    """--runs with broken JSON, or an entry without its out_dir: one line naming the file and what is wrong."""
+    from nacosae.cli import main as nacosae_main
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"out_dir": "x"')
+    no_out = tmp_path / "no_out.json"
+    no_out.write_text(json.dumps([{"store": "s", "k": 4}]))
+    for path, said in ((broken, f"{broken} is not valid JSON: "),
+                       (no_out, f"{no_out} entry 0 has no 'out_dir': every entry needs its \"out_dir\"")):
+        with pytest.raises(SystemExit) as e:
+            nacosae_main(["train", "--runs", str(path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and "Traceback" not in err
