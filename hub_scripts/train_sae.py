@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", default=[],
                         help="train every combination of these settings (e.g. k=16,32 expansion=4,8 activation=topk,relu)")
     parser.add_argument("--runs", help="JSON file: a list of objects of per-SAE settings (each with store and out_dir)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     stream = parser.add_argument_group("no-store mode (instead of --store)")
     stream.add_argument("--from-backbone", metavar="SPEC", help="train from this backbone's activations as they are "
                         "produced, no store: efficientnet-lite0, open_clip:MODEL, hf:REPO_OR_FOLDER")
@@ -199,11 +201,15 @@ def main(argv=None):
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if cfgs[0].device.startswith("cuda") else "gloo")
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     stream = None
     try:
         if args.from_backbone:
             stream = build_stream(args, cfgs[0].device)
-        results = train_many(cfgs, sources={stream.label: stream} if stream else None)
+        results = train_many(cfgs, progress=not args.no_progress, sources={stream.label: stream} if stream else None)
     finally:
         if launched and dist.is_initialized():
             dist.destroy_process_group()

@@ -96,7 +96,7 @@ STAGES: dict[str, tuple[str | dict[str, str], str]] = {
 
 _EPILOG = """\
 Someone else's SAE (saev, SAELens, sparsify, dictionary_learning, Overcomplete), named, scored and browsed:
-  nacosae import their_sae/ --backbone efficientnet-lite0 --layer blocks.14 --tokens spatial \
+  nacosae import their_sae/ --backbone efficientnet-lite0 --layer blocks.14 --tokens spatial \\
       --out runs/theirs/saes/efficientnet-lite0/blocks.14
   nacosae name --sae runs/theirs/saes/efficientnet-lite0/blocks.14 --out runs/theirs/results
   nacosae app --sae-repo runs/theirs/saes --results-repo runs/theirs/results

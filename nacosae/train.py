@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +307,10 @@ class _Run:
         self.out = Path(cfg.out_dir)
         self.ckpt = self.out / "checkpoint"
         self.n_steps = max(1, int(cfg.n_epochs * n_train_rows / cfg.batch_size))
+        if cfg.warmup_steps >= int(0.8 * self.n_steps) and lead:
+            warnings.warn(f"{cfg.out_dir}: the learning-rate warm-up ({cfg.warmup_steps} steps) does not end before the "
+                          f"decay starts (step {int(0.8 * self.n_steps)} of {self.n_steps}): the peak lr is never reached; "
+                          "lower warmup_steps or train longer", stacklevel=3)
         self.d_sae = cfg.d_sae or cfg.expansion * store.d
         self.lr = cfg.lr or default_lr(self.d_sae)
         self.start_step = 0

@@ -264,3 +264,19 @@ def test_cli_runs_file_errors_name_the_file_and_the_missing_key(tmp_path, capsys
             nacosae_main(["train", "--runs", str(path)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and said in err and "Traceback" not in err
+
+
+def test_a_warmup_that_never_ends_is_warned_and_the_cli_takes_threads_and_no_progress(store_dir, tmp_path, capsys):
+    import warnings
+
+    from hub_scripts.train_sae import main as train_cli
+
+    with pytest.warns(UserWarning, match="peak lr is never reached"):
+        train(_cfg(store_dir, tmp_path / "short", n_epochs=1, warmup_steps=50), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the usual config: no warning
+        train(_cfg(store_dir, tmp_path / "usual"), progress=False)
+    train_cli(["--store", str(store_dir), "--out-dir", str(tmp_path / "cli"), "--k", "4", "--expansion", "2",
+               "--batch-size", "128", "--n-epochs", "2", "--warmup-steps", "2", "--threads", "1", "--no-progress"])
+    out = capsys.readouterr()
+    assert '"val_fvu"' in out.out and "train SAE" not in out.err
