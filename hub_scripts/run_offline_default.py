@@ -230,6 +230,37 @@ def frequency_table(rows: list[dict]) -> str:
     return head + "".join(lines)
 
 
+def plot_purity(rows: list[dict], path: Path) -> None:
+    """Purity against image frequency, one line per SAE and per layer's raw channels (the frequency_table, drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({r["layer"] for r in rows})
+    fig, axes = plt.subplots(1, len(layers), figsize=(6.5 * len(layers), 4.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        mine = [r for r in rows if r["layer"] == layer]
+        bins = [b["bin"] for b in mine[0]["purity_sae_by_frequency"]]
+        for r in mine:
+            ys = [b["purity"] if b["purity"] is not None and b["n"] >= 10 else float("nan") for b in r["purity_sae_by_frequency"]]
+            ax.plot(bins, ys, marker="o", lw=1.2, alpha=0.8, label=f"SAE {r.get('sweep') or 'default'} (mean {r['purity_sae_mean']:.2f})")
+        raw = [b["purity"] if b["purity"] is not None and b["n"] >= 10 else float("nan") for b in mine[0]["purity_raw_by_frequency"]]
+        ax.plot(bins, raw, marker="s", lw=2.5, color="black", label=f"raw channels (mean {mine[0]['purity_raw_mean']:.2f})")
+        ax.axhline(mine[0]["purity_random_mean"], color="grey", ls="--", label="random 16-image sets")
+        ax.set_xlabel("share of images the unit fires on")
+        ax.set_ylabel(f"top-{TOP_N} category purity")
+        ax.set_title(f"{layer}: purity by firing frequency (bins with ≥ 10 units)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/offline_default", help="output folder (default: %(default)s)")
@@ -260,6 +291,7 @@ def main(argv=None):
     backbone = load_backbone("efficientnet-lite0")
     rows = run_all(source, backbone, out, args)
     atomic_write_json(out / "results.json", rows)
+    plot_purity(rows, RunLayout(out).figures / "purity_by_frequency.png")
     md = to_markdown(rows)
     atomic_write_text(out / "results.md", md)
     print(md)
