@@ -222,9 +222,11 @@ def main(argv=None):
             print(f"{cfg.out_dir}: val_fvu {metrics['val_fvu']:.4f}, L0 {metrics['val_l0']:.1f}, "
                   f"dead {metrics['val_dead_fraction']:.1%}")
     if stream is not None:
-        skipped = stream.skipped
-        print(f"{stream.n_images_read} images through the backbone; skipped {len(skipped)} image(s)" + "".join(
-            f"\n  {s['path']}: {s['reason']}" for s in skipped[:10]))
+        unreadable = [s for s in stream.skipped if s["image_idx"] is not None]
+        listed = len(stream.skipped) - len(unreadable)  # dropped by the source while listing (duplicates, tiny files)
+        print(f"{stream.n_images_read} images through the backbone; {len(unreadable)} unreadable image(s) skipped"
+              + (f" (and {listed} file(s) the source left out while listing: duplicates, tiny or blank images)" if listed else "")
+              + "".join(f"\n  {s['path']}: {s['reason']}" for s in unreadable[:10]))
 
 
 if __name__ == "__main__":

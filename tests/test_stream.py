@@ -182,7 +182,7 @@ def test_cli_trains_from_the_backbone_without_a_store(photos, tmp_path, capsys):
     said = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_train_rows"] == 9 * 25 and metrics["d_in"] == 192 and metrics["val_fvu"] < 1.0
-    assert "skipped 1 image(s)" in said and "11.png" in said
+    assert "1 unreadable image(s) skipped" in said and "11.png" in said
     prov = SAE.from_pretrained(out / "sae").cfg.provenance
     assert prov == {**prov, "backbone": "efficientnet-lite0", "layer": "blocks.14", "tokens": "spatial",
                     "store": f"stream:efficientnet-lite0/blocks.14/spatial?source=folder:{photos}&tokens_per_image=25"}
