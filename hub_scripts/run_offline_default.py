@@ -297,7 +297,7 @@ def main(argv=None):
     print(md)
     acts = RunLayout(out).acts(args.layers[0])
     skipped = ActivationStore(acts).meta.get("skipped", [])
-    print(f"{len(skipped)} images skipped (listed in {acts / 'meta.json'})")
+    print(f"{len(skipped)} files skipped: duplicates, tiny, blank or unreadable images of the whole source (listed in {acts / 'meta.json'})")
 
 
 if __name__ == "__main__":
