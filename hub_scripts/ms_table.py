@@ -7,8 +7,8 @@ encoders side by side on the same images: does the score depend on which network
 
 Images: a seeded sample of the store's file images (`nacosae.evaluate.ms_sample`, the one a naming run scores),
 decoded by `nacosae.images.open_image`. Image-level activations: the store's rows of those images
-(`ActivationStore.acts_for_images`), SAE codes and raw channels aggregated over tokens by
-`nacosae.features.aggregate_tokens` (max, as the feature statistics). Embeddings: `nacosae.evaluate.ms_embeddings` with
+(`ImageActivationTable.from_store` over those images, as a naming run builds it): SAE codes and raw channels
+aggregated over tokens by `nacosae.features.aggregate_tokens` (max, as the feature statistics). Embeddings: `nacosae.evaluate.ms_embeddings` with
 each encoder `nacosae.backbones.ms_encoder` names ('own' = the SAE's backbone at --own-layer, not independent).
 
 Writes OUT/ms.json (per encoder: `monosemanticity_report` plus the encoder and its caveat; the Spearman correlation of
@@ -33,10 +33,11 @@ from torch import Tensor
 
 from nacosae.backbones import MS_ENCODER_CHOICES, load_backbone, ms_encoder
 from nacosae.evaluate import ms_embeddings, ms_sample
-from nacosae.features import AGGREGATIONS, aggregate_tokens
+from nacosae.features import AGGREGATIONS
 from nacosae.images import open_image
 from nacosae.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from nacosae.metrics import monosemanticity_report
+from nacosae.naming.scorer import ImageActivationTable, store_ref
 from nacosae.sae import SAE
 from nacosae.store import ActivationStore
 
@@ -65,26 +66,6 @@ def check_sae_fits_store(sae: SAE, store: ActivationStore) -> None:
         a, b = sae.cfg.provenance.get(key), store.provenance.get(key)
         if a and b and a != b:
             raise ValueError(f"the SAE was trained on {key} {a!r} but the store at {store.path} holds {key} {b!r}")
-
-
-@torch.no_grad()
-def image_level_acts(store: ActivationStore, sae: SAE, image_idx: list[int], aggregation: str = "max",
-                     cls_token: int = 0, batch_images: int = 64) -> tuple[Tensor, Tensor]:
-    """(acts_NS, raw_ND) float32 on the CPU: image-level SAE codes and raw channels of these store images, in the
-    order given, tokens aggregated by `aggregate_tokens`. Holds all N·T·D rows of the images (float32) at once, and
-    one block of `batch_images` images' token codes."""
-    T, D = store.tokens_per_image, store.d
-    acts_ND, _, _ = store.acts_for_images(image_idx)
-    acts_NTD = acts_ND.view(len(image_idx), T, D)
-    raw_ND = aggregate_tokens(acts_NTD, aggregation, cls_token)
-    device = sae.W_dec.device
-    acts_NS = torch.empty(len(image_idx), sae.cfg.d_sae)
-    for i in range(0, len(image_idx), batch_images):
-        x_BTD = acts_NTD[i:i + batch_images]
-        B = x_BTD.shape[0]
-        codes_BTS = sae.encode(x_BTD.reshape(B * T, D).to(device)).reshape(B, T, -1).float().cpu()
-        acts_NS[i:i + B] = aggregate_tokens(codes_BTS, aggregation, cls_token)
-    return acts_NS, raw_ND
 
 
 def cached_embeddings(path: Path, spec: str, layer: str, paths: list[str], batch_size: int = 32,
@@ -153,7 +134,10 @@ def ms_table(store: ActivationStore, sae: SAE, encoders: str, out: str | Path, n
                          "pairs of images, so it needs at least 2")
     idx = [int(r["image_idx"]) for r in recs]
     paths = [str(r["path"]) for r in recs]
-    acts_NS, raw_ND = image_level_acts(store, sae, idx, aggregation, cls_token)
+    with torch.no_grad():
+        table = ImageActivationTable.from_store(store, sae, aggregation, cls_token, progress=progress, rows=idx)
+    refs = [store_ref(r) for r in recs]  # the sample's order
+    acts_NS, raw_ND = table.rows(refs), table.raw_rows(refs)
     alive_S = acts_NS.amax(0) > 0
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "store": str(store.path), "sae": sae_ref,

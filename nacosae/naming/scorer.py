@@ -129,13 +129,17 @@ class ImageActivationTable:
     @classmethod
     @torch.no_grad()
     def from_store(cls, store, sae, aggregation: str = "max", cls_token: int = 0, batch_images: int = 256,
-                   progress: bool = True) -> ImageActivationTable:
-        pos = {r["image_idx"]: i for i, r in enumerate(store.images)}
-        N = len(store.images)
+                   progress: bool = True, rows=None) -> ImageActivationTable:
+        """The table of every image of the store, or of the images whose indices `rows` names: each image's token
+        codes and raw channels aggregated by `aggregate_tokens`, one block of `batch_images` images at a time."""
+        wanted = None if rows is None else {int(i) for i in rows}
+        images = store.images if wanted is None else [r for r in store.images if r["image_idx"] in wanted]
+        pos = {r["image_idx"]: i for i, r in enumerate(images)}
+        N = len(images)
         acts_NS = torch.zeros(N, sae.cfg.d_sae)
         raw_ND = torch.zeros(N, store.d)
         bar = tqdm(total=N, desc="activation table", unit="img", disable=not progress)
-        for image_idx_N, acts_NTD in store.iter_images(batch_images):
+        for image_idx_N, acts_NTD in store.iter_images(batch_images, rows=rows):
             B, T, D = acts_NTD.shape
             codes_NTS = sae.encode(acts_NTD.reshape(B * T, D).to(sae.W_dec.device)).reshape(B, T, -1).float().cpu()
             rows = torch.as_tensor([pos[int(i)] for i in image_idx_N])
@@ -143,7 +147,7 @@ class ImageActivationTable:
             raw_ND[rows] = aggregate_tokens(acts_NTD.float().cpu(), aggregation, cls_token)
             bar.update(B)
         bar.close()
-        return cls([store_ref(r) for r in store.images], acts_NS, raw_ND, aggregation)
+        return cls([store_ref(r) for r in images], acts_NS, raw_ND, aggregation)
 
     def save(self, path: str | os.PathLike, key: str) -> None:
         atomic_save_safetensors(path, {"acts_NS": self.acts_NS, "raw_ND": self.raw_ND},
