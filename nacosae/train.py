@@ -300,8 +300,10 @@ SHARED_PER_STORE = ("batch_size", "seed", "val_fraction")
 class _Run:
     """One SAE of a `train_many` run: its config, folder, step count, trainer (None once trained) and result."""
 
-    def __init__(self, cfg: TrainConfig, store, train_rows, n_train_rows: int, stream_rows=None, lead: bool = True):
+    def __init__(self, cfg: TrainConfig, store, train_rows, n_train_rows: int, stream_rows=None, lead: bool = True,
+                 store_name: str | None = None):
         self.cfg, self.store, self.train_rows, self.n_train_rows = cfg, store, train_rows, n_train_rows
+        self.store_name = store_name or Path(cfg.store).resolve().name  # what its provenance and curves call its data
         self.stream_rows = train_rows if stream_rows is None else stream_rows  # the images this process reads
         self.lead = lead  # the process that writes the run's files (rank 0)
         self.out = Path(cfg.out_dir)
@@ -394,7 +396,8 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True,
                 raise ValueError(f"rank {rank} of {world} has no training image of {path}: use fewer processes")
         init_sample = None  # one seeded sample initialises every SAE of this store, read once
         for i in idx:
-            run = runs[i] = _Run(cfgs[i], store, train_rows, n_train_rows, lead=rank == 0, stream_rows=rank_rows)
+            run = runs[i] = _Run(cfgs[i], store, train_rows, n_train_rows, lead=rank == 0, stream_rows=rank_rows,
+                                 store_name=path if isinstance(path, str) else path.name)  # a `sources` key, or the folder's
             run.out.mkdir(parents=True, exist_ok=True)
             _check_run_config(run.out, run.cfg)
             if run.finished:  # finished before: nothing to redo
@@ -412,9 +415,7 @@ def train_many(cfgs: Sequence[TrainConfig], progress: bool = True,
                 sae_cfg = SAEConfig(
                     d_in=store.d, d_sae=run.d_sae, activation=cfg.activation, k=cfg.k, l1_coeff=cfg.l1_coeff,
                     matryoshka_sizes=matryoshka_fractions(run.d_sae) if cfg.matryoshka else (), aux_k=cfg.aux_k,
-                    provenance={**store.meta.get("provenance", {}),
-                                "store": cfg.store if cfg.store in sources else str(Path(cfg.store).resolve().name),
-                                "n_train_rows": n_train_rows},
+                    provenance={**store.meta.get("provenance", {}), "store": run.store_name, "n_train_rows": n_train_rows},
                 )
                 if init_sample is None:
                     init_sample = store.sample(min(n_train_rows, 65_536), seed=cfg.seed, rows=train_rows)
@@ -527,8 +528,7 @@ def _finish(store, live: list[_Run], val_rows) -> None:
         }
         t.sae.save_pretrained(run.out / "sae")
         _write_history(run.out / "history.jsonl", history)
-        name = getattr(run.store, "label", None) or Path(cfg.store).name  # a stream's label, else the store folder's
-        plot_curves(history, run.out / "curves.png", title=f"{name} · {cfg.activation} k={cfg.k} · d_sae={run.d_sae}")
+        plot_curves(history, run.out / "curves.png", title=f"{run.store_name} · {cfg.activation} k={cfg.k} · d_sae={run.d_sae}")
         atomic_write_json(run.out / "metrics.json", result)  # last: its presence marks the run finished
         shutil.rmtree(run.ckpt, ignore_errors=True)
         run.result = (t.sae, result)
