@@ -29,7 +29,7 @@ import torch
 from nacosae.backbones import load_backbone
 from nacosae.extract import Target, extract_many
 from nacosae.features import FeatureStatsConfig, compute_feature_stats
-from nacosae.images import ConcatSource, ImageSource, OpenClipArtSource, SkimageSource, SubsetSource
+from nacosae.images import ImageSource, SubsetSource, source_from_spec
 from nacosae.io import atomic_write_json, atomic_write_text
 from nacosae.layout import RunLayout
 from nacosae.metrics import label_purity, random_set_purity
@@ -62,17 +62,18 @@ def image_labels(store: ActivationStore) -> list:
     return labels
 
 
-def purity_row(sae, store: ActivationStore, stats_dir: Path, provenance: dict) -> dict:
-    """Top-16 category purity of an SAE's live features (METHODS-style statistics over the whole store)."""
-    labels = image_labels(store)
-    stats = compute_feature_stats(sae, store.iter_images(256), FeatureStatsConfig(top_n=TOP_N, aggregation="max"),
+def unit_purity(encoder, store: ActivationStore, labels: list, stats_dir: Path, provenance: dict):
+    """(stats, summary) of one set of units, an SAE's features or a layer's raw channels (`RawChannels`): their
+    statistics over the whole store, then the top-16 category purity of the live units, overall and by firing
+    frequency, and their median firing frequency."""
+    stats = compute_feature_stats(encoder, store.iter_images(256), FeatureStatsConfig(top_n=TOP_N, aggregation="max"),
                                   out_dir=stats_dir, total_images=store.meta["n_images"], provenance=provenance)
     purity = label_purity(stats.top_images_SK, labels)
     alive = ~stats.dead_S.numpy()
-    return {"purity_sae_mean": float(np.nanmean(purity[alive])),
-            "purity_sae_share_ge_0.5": float(np.nanmean(purity[alive] >= 0.5)),
-            "purity_sae_by_frequency": purity_by_frequency(purity, stats, alive),
-            "stats_dead_fraction": float(1 - alive.mean()), "_stats": stats}
+    return stats, {"mean": float(np.nanmean(purity[alive])), "share_ge_0.5": float(np.nanmean(purity[alive] >= 0.5)),
+                   "by_frequency": purity_by_frequency(purity, stats, alive),
+                   "frequency_median": float(np.median(stats.image_frequency_S.numpy()[alive])),
+                   "dead_fraction": float(1 - alive.mean())}
 
 
 FREQUENCY_BINS = (0.0, 0.01, 0.05, 0.2, 1.0)  # share of images a unit fires on
@@ -130,20 +131,18 @@ def run_all(source, backbone, out: Path, args) -> list[dict]:
     trained = train_many([c for _, _, c in jobs])
     t_train = time.perf_counter() - t1
 
-    rows, raw_purity = [], {}
+    baselines = {}  # layer → (labels, raw channels' purity summary, random-set purity): once per layer
+    for layer, store in zip(layers, stores, strict=True):
+        labels = image_labels(store)
+        _, raw = unit_purity(RawChannels(store.d), store, labels, run.stats(layer, raw=True), {"raw_channels_of": layer})
+        baselines[layer] = labels, raw, random_set_purity(labels, set_size=TOP_N, n_sets=2000, seed=args.seed)
+
+    rows = []
     for (layer, label, c), (sae, metrics) in zip(jobs, trained, strict=True):
         store = stores[layers.index(layer)]
-        labels = image_labels(store)
+        labels, raw, random_purity = baselines[layer]
         stats_dir = run.stats(layer) if label is None else run.sweep(layer, label) / "stats"
-        pur = purity_row(sae, store, stats_dir, {"sae": str(Path(c.out_dir) / "sae")})
-        stats = pur.pop("_stats")
-        if layer not in raw_purity:
-            raw = compute_feature_stats(RawChannels(store.d), store.iter_images(256),
-                                        FeatureStatsConfig(top_n=TOP_N, aggregation="max"), out_dir=run.stats(layer, raw=True),
-                                        total_images=store.meta["n_images"], provenance={"raw_channels_of": layer})
-            raw_p = label_purity(raw.top_images_SK, labels)
-            raw_purity[layer] = (float(np.nanmean(raw_p)), purity_by_frequency(raw_p, raw, ~raw.dead_S.numpy()),
-                                 float(np.median(raw.image_frequency_S.numpy())))
+        stats, pur = unit_purity(sae, store, labels, stats_dir, {"sae": str(Path(c.out_dir) / "sae")})
         row = {
             "layer": layer,
             "sweep": label,
@@ -155,12 +154,15 @@ def run_all(source, backbone, out: Path, args) -> list[dict]:
             "n_images": store.meta["n_images"],
             "n_rows": len(store),
             **{k_: metrics[k_] for k_ in ("val_fvu", "val_explained_variance", "val_l0", "val_dead_fraction", "rows_per_s")},
-            **pur,
-            "purity_raw_mean": raw_purity[layer][0],
-            "purity_raw_by_frequency": raw_purity[layer][1],
-            "image_frequency_median_sae": float(np.median(stats.image_frequency_S.numpy()[~stats.dead_S.numpy()])),
-            "image_frequency_median_raw": raw_purity[layer][2],
-            "purity_random_mean": random_set_purity(labels, set_size=TOP_N, n_sets=2000, seed=args.seed),
+            "purity_sae_mean": pur["mean"],
+            "purity_sae_share_ge_0.5": pur["share_ge_0.5"],
+            "purity_sae_by_frequency": pur["by_frequency"],
+            "stats_dead_fraction": pur["dead_fraction"],
+            "purity_raw_mean": raw["mean"],
+            "purity_raw_by_frequency": raw["by_frequency"],
+            "image_frequency_median_sae": pur["frequency_median"],
+            "image_frequency_median_raw": raw["frequency_median"],
+            "purity_random_mean": random_purity,
             "seconds_extract_all_layers": round(t_extract, 1),
             "seconds_train_all_saes": round(t_train, 1),
         }
@@ -181,7 +183,7 @@ def name_layer(run: RunLayout, layer: str, sae, backbone, store, stats, metrics:
     sae_id = f"efficientnet-lite0/{layer}"
     config = json.loads((run.sae_weights(layer) / "config.json").read_text())
     grid = int(round(store.tokens_per_image ** 0.5))  # EfficientNet maps are square (7×7)
-    base = tables_from_stats(stats, store.images, config, metrics, sae_id, grid_hw=(grid, grid), top_n=16)
+    base = tables_from_stats(stats, store.images, config, metrics, sae_id, grid_hw=(grid, grid), top_n=TOP_N)
     from nacosae.naming.bank import offline_bank
 
     # --quick: a seeded family subset of the bank, so the smoke run encodes ~1,200 pictures, not 8,527
@@ -285,7 +287,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     out = Path(args.out)
-    source: ImageSource = ConcatSource([OpenClipArtSource(), SkimageSource()])
+    source: ImageSource = source_from_spec("openclipart+skimage")
     if args.max_images:
         source = SubsetSource(source, args.max_images, seed=args.seed)
     backbone = load_backbone("efficientnet-lite0")
